@@ -1,0 +1,613 @@
+"""CRBL in PyTorch: two EfficientNetB0 backbones fused by bilinear pooling.
+
+The one model module every script imports. It reproduces the original Keras model
+(see ../shared/ORIGINAL_MODEL.md) exactly:
+
+    x (N,3,H,W) RGB in [0,1] -> input normalisation (buffers; identity for the original CRBL)
+      -> backbone 1 (ImageNet)        -> A (N,1280,h,w)
+      -> backbone 2 (Noisy-Student)   -> B (N,1280,h,w)
+      -> bilinear pooling: phi = A·Bᵀ/(h·w), sign·sqrt(|phi|+1e-12), L2 normalise -> z (N,1280²)
+      -> Dropout(0.5) -> Linear(1280², 1) -> logit
+
+Also here: the Keras-layer <-> timm-module table (used by the converter and the freezing
+helper), get_device (DirectML > CUDA/ROCm > CPU) and checkpoint save/load.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CHECKPOINT_FORMAT = "crbl-pytorch"
+CHECKPOINT_VERSION = 1
+ARCH = "crbl_bilinear_efficientnet_b0"
+NUM_FEATURES = 1280  # EfficientNetB0 top_conv channels
+
+# Thresholds the original inference used per model type.
+MODEL_TYPE_THRESHOLDS = {"crop": 0.01, "full": 0.5}
+# Keras `layers[:150]` of each backbone are frozen in the crop model (layer 150 = block5c_se_expand).
+CROP_TRAINABLE_FROM = 150
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# timm tags of the pretrained sources the original Keras backbones came from.
+PRETRAINED_TAGS = {
+    "imagenet": "tf_efficientnet_b0.aa_in1k",  # qubvel weights="imagenet" (AutoAugment TF ckpt)
+    "noisy-student": "tf_efficientnet_b0.ns_jft_in1k",
+}
+WEIGHTS_DIR_ENV = "CRBL_WEIGHTS_DIR"
+
+
+class CRBLError(Exception):
+    """Something the user gave us is wrong; scripts print the message and exit non-zero."""
+
+
+# --------------------------------------------------------------------------------------------
+# Keras EfficientNetB0 layer table
+# --------------------------------------------------------------------------------------------
+
+# (repeats, expand_ratio, has_stride_or_channel_change_on_first) per stage of B0.
+_B0_STAGES = ((1, 1), (2, 6), (2, 6), (3, 6), (3, 6), (4, 6), (1, 6))
+
+
+@dataclass(frozen=True)
+class KerasLayer:
+    index: int            # position in the Keras backbone's `model.layers` (qubvel order)
+    keras_name: str       # e.g. "block5c_se_expand"
+    keras_class: str      # "Conv2D", "DepthwiseConv2D", "BatchNormalization", or a weightless class
+    timm_module: str | None  # e.g. "blocks.4.2.se.conv_expand"; None for weightless layers
+
+
+def _block_layers(stage: int, j: int, expand: int, skip: bool) -> list[tuple[str, str, str | None]]:
+    prefix = f"block{stage + 1}{'abcdefghijklmnopqrstuvwxyz'[j]}_"
+    timm = f"blocks.{stage}.{j}."
+    if expand == 1:  # depthwise-separable block (timm DepthwiseSeparableConv)
+        names = {"dwconv": "conv_dw", "bn": "bn1", "project_conv": "conv_pw", "project_bn": "bn2"}
+    else:  # inverted residual (timm InvertedResidual)
+        names = {"expand_conv": "conv_pw", "expand_bn": "bn1", "dwconv": "conv_dw", "bn": "bn2",
+                 "project_conv": "conv_pwl", "project_bn": "bn3"}
+    rows = []
+    if expand != 1:
+        rows += [("expand_conv", "Conv2D"), ("expand_bn", "BatchNormalization"),
+                 ("expand_activation", "Activation")]
+    rows += [("dwconv", "DepthwiseConv2D"), ("bn", "BatchNormalization"), ("activation", "Activation"),
+             ("se_squeeze", "GlobalAveragePooling2D"), ("se_reshape", "Reshape"),
+             ("se_reduce", "Conv2D"), ("se_expand", "Conv2D"), ("se_excite", "Multiply"),
+             ("project_conv", "Conv2D"), ("project_bn", "BatchNormalization")]
+    if skip:  # qubvel: drop connect (FixedDropout) + add on repeated blocks
+        rows += [("drop", "FixedDropout"), ("add", "Add")]
+    se = {"se_reduce": "se.conv_reduce", "se_expand": "se.conv_expand"}
+    out = []
+    for short, cls in rows:
+        module = names.get(short) or se.get(short)
+        out.append((prefix + short, cls, timm + module if module else None))
+    return out
+
+
+def keras_layer_table() -> list[KerasLayer]:
+    """Every layer of a qubvel EfficientNetB0 (include_top=False) in Keras `model.layers` order.
+
+    Index 150 is `block5c_se_expand`, the original crop model's freezing boundary.
+    keras.applications' B0 has the same weighted layers in the same order (plus preprocessing
+    and padding layers), so the converter uses the weighted rows of this table for both.
+    """
+    rows: list[tuple[str, str, str | None]] = [
+        ("input_1", "InputLayer", None), ("stem_conv", "Conv2D", "conv_stem"),
+        ("stem_bn", "BatchNormalization", "bn1"), ("stem_activation", "Activation", None)]
+    for stage, (repeats, expand) in enumerate(_B0_STAGES):
+        for j in range(repeats):
+            rows += _block_layers(stage, j, expand, skip=j > 0)
+    rows += [("top_conv", "Conv2D", "conv_head"), ("top_bn", "BatchNormalization", "bn2"),
+             ("top_activation", "Activation", None)]
+    return [KerasLayer(i, name, cls, module) for i, (name, cls, module) in enumerate(rows)]
+
+
+WEIGHTED_KERAS_CLASSES = ("Conv2D", "DepthwiseConv2D", "BatchNormalization")
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class CRBLConfig:
+    """Everything needed to rebuild a CRBL model; stored in every checkpoint."""
+    image_size: int = 128
+    # Input normalisation applied inside the model to RGB floats in [0, 1]: (x - mean) / std.
+    # The original CRBL feeds pixels/255 straight into qubvel backbones: mean 0, std 1.
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    normalization: str = "none"  # "none" | "imagenet" | "keras" (read from a Normalization layer)
+    bilinear_eps: float = 1e-12  # sqrt(|phi| + eps) in the Keras Lambda
+    l2_eps: float = 1e-12        # tf.nn.l2_normalize epsilon (on the squared norm)
+    dropout: float = 0.5
+    drop_path_rate: float = 0.2  # qubvel drop_connect_rate; only active in training
+    bn_momentum: float = 0.01    # Keras BatchNormalization momentum 0.99
+    backbones: tuple[str, str] = ("imagenet", "noisy-student")  # provenance tags of the backbones
+    backbone_arch: str = "tf_efficientnet_b0"
+
+    def __post_init__(self):
+        self.mean = tuple(float(v) for v in self.mean)
+        self.std = tuple(float(v) for v in self.std)
+        self.backbones = tuple(self.backbones)
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise CRBLError(f"config: mean/std must be 3 values with std > 0, got {self.mean}, {self.std}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CRBLConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise CRBLError(f"checkpoint config has unknown fields {unknown}: it was written by a "
+                            "newer version of CRBL-PyTorch; update this code")
+        return cls(**d)
+
+
+def normalization_preset(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """mean, std for the named input normalisation ('none' = original CRBL, 'imagenet')."""
+    if name == "none":
+        return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    if name == "imagenet":
+        return IMAGENET_MEAN, IMAGENET_STD
+    raise CRBLError(f"unknown normalization {name!r}: use 'none' or 'imagenet'")
+
+
+# --------------------------------------------------------------------------------------------
+# Backbone
+# --------------------------------------------------------------------------------------------
+
+def _find_local_weights(tag: str, weights_dir: str | os.PathLike | None) -> Path | None:
+    roots = [weights_dir, os.environ.get(WEIGHTS_DIR_ENV)]
+    for root in [Path(r) for r in roots if r]:
+        for candidate in (root / f"{tag}.safetensors", root / f"{tag}.pth",
+                          root / tag / "model.safetensors", root / tag / "pytorch_model.bin"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def read_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors or a torch file, never unpickling arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise CRBLError(f"{path}: weights file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CRBLError(f"{path}: not a loadable torch weights file ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CRBLError(f"{path}: expected a dict of tensors (a timm state dict)")
+    return obj
+
+
+class EfficientNetB0FeatureExtractor(nn.Module):
+    """timm `tf_efficientnet_b0` (TF-SAME padding, BN eps 1e-3) returning the top activation.
+
+    Equals the Keras `top_activation` output (N,H,W,1280) of qubvel's and keras.applications'
+    EfficientNetB0, as (N,1280,H,W).
+    """
+
+    def __init__(self, weights: str | None = None, drop_path_rate: float = 0.0,
+                 bn_momentum: float = 0.01, arch: str = "tf_efficientnet_b0",
+                 weights_dir: str | os.PathLike | None = None):
+        super().__init__()
+        import timm
+        self.body = timm.create_model(arch, pretrained=False, num_classes=0, global_pool="",
+                                      drop_path_rate=drop_path_rate)
+        for m in self.body.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = bn_momentum
+        if weights not in (None, "none"):
+            self.load_pretrained(weights, weights_dir)
+
+    def load_pretrained(self, weights: str, weights_dir=None) -> None:
+        """Load 'imagenet' / 'noisy-student' (hub online, local file offline) or a file path."""
+        if weights in PRETRAINED_TAGS:
+            tag = PRETRAINED_TAGS[weights]
+            local = _find_local_weights(tag, weights_dir)
+            state = read_state_dict_file(local) if local else self._download(tag, weights)
+        else:
+            state = read_state_dict_file(weights)
+        state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+        missing, unexpected = self.body.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise CRBLError(f"backbone weights {weights!r} do not fit {type(self.body).__name__}: "
+                            f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+    @staticmethod
+    def _download(tag: str, kind: str) -> dict[str, torch.Tensor]:
+        import timm
+        try:
+            model = timm.create_model(tag, pretrained=True, num_classes=0, global_pool="")
+        except Exception as exc:  # no network, no hub cache, hub errors: all mean "get the file"
+            hub_id = f"timm/{tag}"
+            raise CRBLError(
+                f"cannot load {kind} backbone weights ({hub_id}): {type(exc).__name__}. Offline? "
+                f"download https://huggingface.co/{hub_id}/resolve/main/model.safetensors and save it "
+                f"as <dir>/{tag}.safetensors, then pass --weights-dir <dir> or set {WEIGHTS_DIR_ENV}"
+            ) from None
+        return model.state_dict()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body.forward_features(x)
+
+
+# --------------------------------------------------------------------------------------------
+# Bilinear pooling
+# --------------------------------------------------------------------------------------------
+
+def _chunk_rows(n: int, c: int, budget: int = 1 << 19) -> int:
+    # Rows of phi per chunk so one chunk (n, rows, c) stays around 2 MB: cache-resident math.
+    return max(1, min(c, budget // max(1, n * c)))
+
+
+class _SignedSqrtL2Normalize(torch.autograd.Function):
+    """z = l2_normalize(sign(phi) * sqrt(|phi| + eps)), computed in place on phi.
+
+    Saves only z and the norm: autograd's version keeps phi, |phi|, sqrt, sign, y and y² alive
+    (six N×1280² tensors, ~1.3 GB at batch 32) where this keeps one.
+    """
+
+    @staticmethod
+    def forward(ctx, phi: torch.Tensor, eps: float, l2_eps: float) -> torch.Tensor:
+        n, d = phi.shape
+        sq_norm = phi.new_zeros(n)
+        step = max(1, (1 << 19) // max(d, 1))  # samples per chunk
+        for i in range(0, n, step):
+            chunk = phi[i:i + step]
+            sign = chunk.sign()
+            chunk.abs_().add_(eps)
+            sq_norm[i:i + step] = chunk.sum(dim=1)  # Σ y² = Σ (|phi| + eps): no second pass
+            chunk.sqrt_().mul_(sign)
+        norm = sq_norm.clamp_min(l2_eps).sqrt_()
+        phi.div_(norm[:, None])
+        ctx.mark_dirty(phi)
+        ctx.save_for_backward(phi, norm)
+        return phi
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        z, norm = ctx.saved_tensors
+        # dz/dy = (I - z zᵀ)/‖y‖ ; dy/dphi = 1 / (2|y|), |y| = |z|·‖y‖ ; 0 where phi == 0 (as TF).
+        zg = (z * grad).sum(dim=1, keepdim=True)
+        dphi = grad - z * zg
+        denom = z.abs().mul_(2 * norm[:, None] ** 2)
+        dphi = torch.where(denom > 0, dphi / denom.clamp_min(torch.finfo(denom.dtype).tiny), 0.0)
+        return dphi, None, None
+
+
+class BilinearPooling(nn.Module):
+    """The Keras Lambda of the original CRBL, batch-safe, per sample:
+
+    phi = Aᵀ·B / (H·W) with A, B reshaped to (H·W, C); flattened row-major (index i·C + j, i over
+    backbone-1 channels); y = sign(phi)·sqrt(|phi| + eps); z = y / sqrt(max(Σy², l2_eps)).
+    """
+
+    def __init__(self, eps: float = 1e-12, l2_eps: float = 1e-12):
+        super().__init__()
+        self.eps, self.l2_eps = eps, l2_eps
+
+    @staticmethod
+    def outer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = a.shape
+        # (N,C,HW) @ (N,HW,C): one matmul per sample, never mixing samples across the batch.
+        phi = torch.bmm(a.reshape(n, c, h * w), b.reshape(n, b.shape[1], h * w).transpose(1, 2))
+        return phi.div_(h * w).reshape(n, -1)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return _SignedSqrtL2Normalize.apply(self.outer(a, b), self.eps, self.l2_eps)
+
+    @torch.no_grad()
+    def linear(self, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor) -> torch.Tensor:
+        """`Linear(forward(a, b))` without building z: chunks of phi rows stay in cache.
+
+        logit = (Σ w·sign(phi)·sqrt(|phi|+eps)) / sqrt(max(Σ(|phi|+eps), l2_eps)) + bias.
+        Inference only (no autograd); equals the unfused path to float32 rounding.
+        """
+        n, c, h, w = a.shape
+        a = a.reshape(n, c, h * w)
+        bt = b.reshape(n, b.shape[1], h * w).transpose(1, 2)
+        w_mat = weight.reshape(c, -1)
+        dot = a.new_zeros(n)
+        sq_norm = a.new_zeros(n)
+        rows = _chunk_rows(n, w_mat.shape[1])
+        for r in range(0, c, rows):
+            phi = torch.bmm(a[:, r:r + rows], bt).div_(h * w)
+            sign = phi.sign()
+            phi.abs_().add_(self.eps)
+            sq_norm += phi.sum(dim=(1, 2))
+            phi.sqrt_().mul_(sign)
+            dot += (phi * w_mat[r:r + rows]).sum(dim=(1, 2))
+        return (dot / sq_norm.clamp_min(self.l2_eps).sqrt())[:, None] + bias
+
+
+# --------------------------------------------------------------------------------------------
+# CRBL model
+# --------------------------------------------------------------------------------------------
+
+class CRBLModel(nn.Module):
+    """Two EfficientNetB0 extractors + bilinear pooling + Dropout + Linear(1280², 1).
+
+    `forward` takes RGB floats in [0, 1] (N,3,H,W) and returns logits (N,1);
+    `predict_proba` returns sigmoid probabilities.
+    """
+
+    def __init__(self, config: CRBLConfig | None = None, pretrained: bool = False,
+                 weights_dir: str | os.PathLike | None = None):
+        super().__init__()
+        self.config = config = config or CRBLConfig()
+        self.register_buffer("input_mean", torch.tensor(config.mean).view(1, 3, 1, 1))
+        self.register_buffer("input_std", torch.tensor(config.std).view(1, 3, 1, 1))
+        self.backbone1, self.backbone2 = (
+            EfficientNetB0FeatureExtractor(
+                weights=tag if pretrained else None, drop_path_rate=config.drop_path_rate,
+                bn_momentum=config.bn_momentum, arch=config.backbone_arch, weights_dir=weights_dir)
+            for tag in config.backbones)
+        self.pool = BilinearPooling(config.bilinear_eps, config.l2_eps)
+        self.dropout = nn.Dropout(config.dropout)
+        self.head = nn.Linear(NUM_FEATURES * NUM_FEATURES, 1)
+        self.meta: dict[str, Any] = {}
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = (x - self.input_mean) / self.input_std
+        return self.backbone1(x), self.backbone2(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.features(x)
+        if not self.training and not torch.is_grad_enabled():
+            return self.pool.linear(a, b, self.head.weight, self.head.bias)
+        return self.head(self.dropout(self.pool(a, b)))
+
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.forward(x))
+
+    def train(self, mode: bool = True) -> "CRBLModel":
+        super().train(mode)
+        # Keras runs a BatchNormalization with trainable=False in inference mode even inside
+        # fit(): frozen BN must use (and keep) its moving statistics.
+        for m in frozen_batchnorms(self):
+            m.eval()
+        return self
+
+
+def frozen_batchnorms(model: nn.Module) -> Iterable[nn.BatchNorm2d]:
+    return (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)
+            and m.weight is not None and not m.weight.requires_grad)
+
+
+def freeze_backbones(model: CRBLModel, model_type: str = "crop",
+                     trainable_from: int | None = None) -> dict[str, int]:
+    """Reproduce the Keras freezing: backbone layers with Keras index < trainable_from are frozen.
+
+    model_type 'crop' = trainable_from 150 (from block5c_se_expand, timm blocks.4.2.se.conv_expand);
+    'full' = whole backbones frozen (only the head trains). The head always trains.
+    Returns counts of trainable / frozen parameters.
+    """
+    if model_type not in MODEL_TYPE_THRESHOLDS:
+        raise CRBLError(f"unknown model type {model_type!r}: use 'crop' or 'full'")
+    table = keras_layer_table()
+    if trainable_from is None:
+        trainable_from = CROP_TRAINABLE_FROM if model_type == "crop" else len(table)
+    if trainable_from < 0:
+        raise CRBLError(f"--trainable-from must be >= 0, got {trainable_from}")
+    for backbone in (model.backbone1, model.backbone2):
+        backbone.requires_grad_(False)
+        for layer in table:
+            if layer.timm_module and layer.index >= trainable_from:
+                backbone.body.get_submodule(layer.timm_module).requires_grad_(True)
+    model.head.requires_grad_(True)
+    model.train(model.training)  # re-apply eval mode to the now-frozen BatchNorms
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return {"trainable_from": trainable_from, "trainable": trainable, "frozen": frozen}
+
+
+# --------------------------------------------------------------------------------------------
+# Devices
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class DeviceInfo:
+    device: torch.device
+    kind: str   # "dml" | "cuda" | "rocm" | "cpu"
+    name: str
+    notes: list[str] = field(default_factory=list)  # why preferred devices were skipped
+
+    def __str__(self) -> str:
+        return f"{self.kind} ({self.device}): {self.name}"
+
+
+def _smoke_test(device: torch.device) -> None:
+    # A real op round trip: an installed-but-broken backend fails here, not mid-training.
+    x = torch.arange(4, dtype=torch.float32, device=device)
+    if float((x * 2).sum().cpu()) != 12.0:
+        raise RuntimeError("wrong result from a test op")
+
+
+def _split_index(preference: str) -> tuple[str, int]:
+    kind, _, index = preference.partition(":")
+    if index and not index.isdigit():
+        raise CRBLError(f"bad device {preference!r}: use auto, dml, dml:N, cuda, cuda:N, rocm or cpu")
+    return kind, int(index or 0)
+
+
+def _directml(index: int) -> DeviceInfo:
+    try:
+        import torch_directml
+    except Exception as exc:  # ImportError, OSError (DX12 DLLs), RuntimeError (torch mismatch)
+        raise RuntimeError(f"torch_directml unavailable ({type(exc).__name__}: {exc})") from None
+    count = torch_directml.device_count()
+    if index >= count:
+        raise RuntimeError(f"DirectML device {index} requested, {count} available")
+    device = torch_directml.device(index)
+    _smoke_test(device)
+    return DeviceInfo(torch.device(device), "dml", torch_directml.device_name(index))
+
+
+def _cuda(index: int) -> DeviceInfo:
+    if not torch.cuda.is_available():
+        raise RuntimeError("torch.cuda.is_available() is False (CPU-only torch or no driver)")
+    if index >= torch.cuda.device_count():
+        raise RuntimeError(f"GPU {index} requested, {torch.cuda.device_count()} available")
+    device = torch.device("cuda", index)
+    _smoke_test(device)
+    kind = "rocm" if getattr(torch.version, "hip", None) else "cuda"
+    return DeviceInfo(device, kind, torch.cuda.get_device_name(index))
+
+
+def _cpu(index: int = 0) -> DeviceInfo:
+    import platform
+    return DeviceInfo(torch.device("cpu"), "cpu", platform.processor() or platform.machine())
+
+
+_BACKENDS = {"dml": _directml, "directml": _directml, "cuda": _cuda, "rocm": _cuda, "cpu": _cpu}
+
+
+def get_device(preference: str = "auto", auto_order: tuple[str, ...] = ("dml", "cuda", "cpu")
+               ) -> DeviceInfo:
+    """Pick the compute device: 'auto' tries auto_order (DirectML > CUDA/ROCm > CPU).
+
+    An explicit 'dml[:N]', 'cuda[:N]', 'rocm[:N]' that is not usable is a CRBLError, never a
+    silent CPU run.
+    """
+    kind, index = _split_index(preference.strip().lower())
+    if kind != "auto":
+        if kind not in _BACKENDS:
+            raise CRBLError(f"unknown device {preference!r}: use auto, dml, dml:N, cuda, cuda:N, rocm or cpu")
+        try:
+            return _BACKENDS[kind](index)
+        except RuntimeError as exc:
+            raise CRBLError(f"device {preference!r} is not usable: {exc}. Use --device auto or cpu, "
+                            "or run setup_amd_gpu_directml.py --check") from None
+    notes = []
+    for candidate in auto_order:
+        try:
+            info = _BACKENDS[candidate](0)
+        except Exception as exc:
+            notes.append(f"{candidate}: {exc}")
+            continue
+        info.notes = notes
+        return info
+    raise CRBLError(f"no usable device among {auto_order}: {'; '.join(notes)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call write(file) on a temp file beside path, fsync, then os.replace: never a torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | os.PathLike, model: CRBLModel, *, threshold: float | None = None,
+                    threshold_source: str | None = None, model_type: str | None = None,
+                    provenance: dict | None = None, **extra: Any) -> None:
+    """Write a self-describing checkpoint: any script rebuilds the model from it alone.
+
+    Tensors are moved to CPU first (DirectML tensors cannot be loaded back directly).
+    `extra` holds training state (optimizer, scheduler, epoch, ...), all weights_only-safe.
+    """
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_VERSION,
+        "arch": ARCH,
+        "config": model.config.to_dict(),
+        "state_dict": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
+        "threshold": None if threshold is None else float(threshold),
+        "threshold_source": threshold_source,
+        "model_type": model_type,
+        "provenance": provenance or {},
+        **extra,
+    }
+    atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read and validate a CRBL checkpoint safely (weights_only, CPU)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CRBLError(f"{path}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CRBLError(f"{path}: refused: the file holds Python objects that safe loading does not "
+                        f"allow, and it is never unpickled ({first[:160]})") from None
+    except Exception as exc:
+        raise CRBLError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}); "
+                        "is it truncated, or a Keras .h5? Convert .h5 files with convert_h5_to_pth.py") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CRBLError(f"{path}: not a CRBL checkpoint (no format={CHECKPOINT_FORMAT!r}); "
+                        "make one with convert_h5_to_pth.py or train_CRBL_pytorch_directml.py")
+    if payload.get("format_version", 0) > CHECKPOINT_VERSION:
+        raise CRBLError(f"{path}: checkpoint format {payload['format_version']} is newer than this "
+                        f"code ({CHECKPOINT_VERSION}); update CRBL-PyTorch")
+    for key in ("config", "state_dict"):
+        if not isinstance(payload.get(key), dict):
+            raise CRBLError(f"{path}: checkpoint has no {key!r}")
+    return payload
+
+
+def model_from_checkpoint(payload: dict, path: str | os.PathLike = "checkpoint") -> CRBLModel:
+    model = CRBLModel(CRBLConfig.from_dict(payload["config"]))
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise CRBLError(f"{path}: weights do not fit the CRBL model: "
+                        f"{str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}") from None
+    model.meta = {k: v for k, v in payload.items() if k not in ("state_dict",)}
+    return model
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> CRBLModel:
+    """Rebuild a CRBL model from a checkpoint alone, in eval mode, metadata in `model.meta`."""
+    model = model_from_checkpoint(load_checkpoint(path), path)
+    return model.to(device).eval()
+
+
+def resolve_threshold(cli_threshold: float | None, meta: dict, model_type: str | None = None
+                      ) -> tuple[float, str]:
+    """Threshold and where it came from: --threshold, else --model-type preset, else the
+    checkpoint's (chosen on validation), else 0.5."""
+    if cli_threshold is not None:
+        return float(cli_threshold), "--threshold"
+    if model_type is not None:
+        return MODEL_TYPE_THRESHOLDS[model_type], f"--model-type {model_type} preset"
+    if meta.get("threshold") is not None:
+        return float(meta["threshold"]), f"checkpoint ({meta.get('threshold_source') or 'stored'})"
+    return 0.5, "default 0.5"
