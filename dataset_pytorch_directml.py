@@ -223,6 +223,7 @@ def scan_folder(folder: str | os.PathLike) -> tuple[list[Sample], int]:
                 continue
             path = Path(dirpath) / name
             samples.append(Sample(path, path.relative_to(folder).as_posix(), None))
+    samples.sort(key=lambda s: s.path.relative_to(folder).parts)  # folder by folder, like `ls -R`
     return samples, skipped
 
 

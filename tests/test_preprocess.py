@@ -1,0 +1,185 @@
+"""The shared preprocessing against OpenCV, which the original Keras pipeline used
+(cv2.imread -> cv2.resize INTER_CUBIC); opencv-python-headless is a test-only dependency."""
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dataset_pytorch_directml import (ImageError, compute_metrics, load_rgb_uint8,
+                                      preprocess_image, read_manifest, resize_cubic_uint8,
+                                      scan_folder)
+from model_pytorch_directml import CRBLError
+
+cv2 = pytest.importorskip("cv2")
+
+
+def cv2_rgb(path):
+    return cv2.imread(str(path), cv2.IMREAD_COLOR)[:, :, ::-1]
+
+
+def smooth_image(rng, h, w):
+    # A photo-like image (gradients + blobs) next to the worst case (noise) below.
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([np.sin(xx / (3 + c) + yy / (5 + c)) for c in range(3)], axis=2)
+    return ((base + 1) * 100 + rng.integers(0, 50, (h, w, 3))).clip(0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("h,w,size", [(37, 53, 128), (300, 200, 128), (256, 256, 128),
+                                      (129, 127, 128), (5, 3, 128), (640, 481, 224),
+                                      (1000, 777, 128), (64, 64, 128), (1, 9, 16), (128, 128, 63)])
+def test_resize_matches_cv2_inter_cubic_within_one_level(h, w, size):
+    rng = np.random.default_rng(h * 1000 + w)
+    for img in (rng.integers(0, 256, (h, w, 3), dtype=np.uint8), smooth_image(rng, h, w)):
+        ref = cv2.resize(img, (size, size), interpolation=cv2.INTER_CUBIC)
+        out = resize_cubic_uint8(img, size)
+        assert out.shape == (size, size, 3) and out.dtype == np.uint8
+        diff = np.abs(out.astype(int) - ref.astype(int))
+        assert diff.max() <= 1, (h, w, size)
+        # OpenCV's fixed-point weights: rare 1-level ties (less rare when blowing up a few pixels)
+        assert (diff > 0).mean() < (0.2 if min(h, w) < 8 else 0.01)
+
+
+def test_resize_non_square_and_grey():
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (90, 70), dtype=np.uint8)
+    ref = cv2.resize(img, (50, 30), interpolation=cv2.INTER_CUBIC)  # cv2 dsize is (w, h)
+    out = resize_cubic_uint8(img, (30, 50))
+    assert out.shape == (30, 50) and np.abs(out.astype(int) - ref.astype(int)).max() <= 1
+
+
+def test_image_at_model_size_passes_unchanged(tmp_path):
+    img = np.random.default_rng(2).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    assert resize_cubic_uint8(img, 128) is img
+    Image.fromarray(img).save(tmp_path / "x.png")
+    x = preprocess_image(tmp_path / "x.png", 128)
+    assert x.dtype == torch.float32 and x.shape == (3, 128, 128)
+    # Bit-exact with Keras' float32(images_uint8 / 255.0), channel order RGB.
+    expected = torch.from_numpy((img / 255.0).astype(np.float32)).permute(2, 0, 1)
+    assert torch.equal(x, expected)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("ext", ["png", "jpg"])
+def test_exif_orientation_like_cv2_imread(tmp_path, orientation, ext):
+    base = np.random.default_rng(3).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"o.{ext}"
+    Image.fromarray(base).save(path, exif=exif.tobytes())
+    out = load_rgb_uint8(path)
+    assert out.shape == ((40, 60, 3) if orientation < 5 else (60, 40, 3))
+    assert np.array_equal(out, cv2_rgb(path))
+
+
+def _save_modes(tmp_path):
+    """Files in every colour mode the loader converts, written by Pillow or OpenCV."""
+    rng = np.random.default_rng(4)
+    rgb = Image.fromarray(smooth_image(rng, 40, 60))
+    files = {}
+
+    def save(name, im, **kw):
+        files[name] = tmp_path / name
+        im.save(files[name], **kw)
+
+    save("grey.png", rgb.convert("L"))
+    save("bilevel.png", rgb.convert("1"))
+    palette = rgb.convert("P")
+    palette.info["transparency"] = 3
+    save("palette.png", palette)
+    save("grey_alpha.png", rgb.convert("LA"))
+    rgba = np.asarray(rgb.convert("RGBA")).copy()
+    rgba[..., 3] = rng.integers(0, 256, (40, 60))
+    save("rgba.png", Image.fromarray(rgba))
+    save("cmyk.jpg", rgb.convert("CMYK"), quality=95)
+    save("anim.gif", rgb.convert("P"))
+    save("x.bmp", rgb)
+    save("x.tiff", rgb)
+    save("x.webp", rgb, lossless=True)
+    for name, shape in (("grey16.png", (40, 60)), ("rgb16.png", (40, 60, 3))):
+        files[name] = tmp_path / name
+        cv2.imwrite(str(files[name]), rng.integers(0, 65536, shape, dtype=np.uint16))
+    return files
+
+
+def test_all_modes_decode_like_cv2_imread(tmp_path):
+    files = _save_modes(tmp_path)
+    assert Image.open(files["grey16.png"]).mode.startswith("I")  # the 16-bit path is exercised
+    for name, path in files.items():
+        out = load_rgb_uint8(path)
+        assert out.shape == (40, 60, 3) and out.dtype == np.uint8, name
+        # CMYK->RGB: libjpeg (OpenCV) and Pillow round differently by one level.
+        tolerance = 1 if name == "cmyk.jpg" else 0
+        assert np.abs(out.astype(int) - cv2_rgb(path).astype(int)).max() <= tolerance, name
+
+
+def _bomb_png(path, side=20000):
+    # A valid PNG header announcing side x side pixels: Pillow checks the size on open, so the
+    # test never allocates the image.
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def test_bad_files_raise_image_error_naming_the_file(tmp_path):
+    good = tmp_path / "good.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8) + 7).save(good)
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("not an image")
+    (tmp_path / "truncated.png").write_bytes(good.read_bytes()[:60])
+    _bomb_png(tmp_path / "bomb.png")
+    expected = {"empty.png": "empty file", "text.png": "not an image", "truncated.png": "truncated",
+                "bomb.png": "decompression bomb", "missing.png": "not found"}
+    for name, reason in expected.items():
+        with pytest.raises(ImageError) as info:
+            load_rgb_uint8(tmp_path / name)
+        assert name in str(info.value) and reason in info.value.reason and isinstance(info.value, CRBLError)
+
+
+def test_manifest_paths_labels_and_errors(tmp_path):
+    csv_path = tmp_path / "test_CRBL.csv"
+    csv_path.write_text("image_path,impurity,extra\na/1.png,0,x\n이미지 2.png,1,y\n", encoding="utf-8-sig")
+    samples = read_manifest(csv_path, image_dir=tmp_path / "imgs")
+    assert [(s.image_path, s.label) for s in samples] == [("a/1.png", 0), ("이미지 2.png", 1)]
+    assert samples[0].path == tmp_path / "imgs" / "a" / "1.png"
+    assert read_manifest(csv_path)[1].path == tmp_path / "이미지 2.png"  # default: CSV's folder
+
+    csv_path.write_bytes("image_path,label\n사진.png,1\n".encode("cp949"))  # Korean Excel
+    assert read_manifest(csv_path)[0].image_path == "사진.png"
+
+    for text, message in (("", "no rows"), ("path,impurity\nx.png,0\n", "'image_path' column"),
+                          ("image_path,impurity\nx.png,2\n", "row 2: column 'impurity'"),
+                          ("image_path,impurity\nx.png,0\n,1\n", "row 3: column 'image_path'")):
+        csv_path.write_text(text, encoding="utf-8")
+        with pytest.raises(CRBLError, match=message):
+            read_manifest(csv_path)
+    csv_path.write_text("image_path\nx.png\n", encoding="utf-8")
+    assert read_manifest(csv_path)[0].label is None
+    with pytest.raises(CRBLError, match="impurity"):
+        read_manifest(csv_path, require_label=True)
+
+
+def test_scan_folder_recursive_sorted_case_insensitive(tmp_path):
+    for name in ("b.PNG", "a/c.Jpg", "a/.hidden.png", "notes.txt", "z.heic", ".git/x.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    samples, skipped = scan_folder(tmp_path)
+    assert [s.image_path for s in samples] == ["a/c.Jpg", "b.PNG", "z.heic"]
+    assert skipped == 2  # notes.txt, a/.hidden.png (hidden folders are not entered)
+
+
+def test_compute_metrics_against_sklearn():
+    from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
+    labels = [0, 0, 1, 1, 0, 1, 0, 0]
+    scores = [0.1, 0.4, 0.35, 0.8, 0.7, 0.9, 0.2, 0.5]
+    m = compute_metrics(labels, scores, 0.5)
+    assert m["confusion_matrix"] == [[3, 2], [1, 2]]
+    assert m["accuracy"] == 5 / 8 and m["precision"] == 0.5 and m["recall"] == 2 / 3
+    assert m["f1"] == pytest.approx(f1_score(labels, [int(s >= 0.5) for s in scores]))
+    assert m["auroc"] == pytest.approx(roc_auc_score(labels, scores))
+    assert m["ap"] == pytest.approx(average_precision_score(labels, scores))
+    assert compute_metrics([1, 1], [0.2, 0.9], 0.5)["auroc"] is None
