@@ -562,12 +562,22 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CRBLError(f"{path}: checkpoint not found")
+    with open(path, "rb") as f:
+        if f.read(8) == b"\x89HDF\r\n\x1a\n":
+            raise CRBLError(f"{path}: a Keras HDF5 weights file, not a PyTorch checkpoint; convert "
+                            f"it first: python convert_h5_to_pth.py {path} model.pth")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise CRBLError(f"{path}: refused: the file holds Python objects that safe loading does not "
-                        f"allow, and it is never unpickled ({first[:160]})") from None
+        # torch's message also says how to bypass the check; only the offending global is useful.
+        text = str(exc)
+        offending = text.split("GLOBAL ", 1)[1].split()[0] if "GLOBAL " in text else None
+        if offending is None:  # not a pickle payload: random bytes, a raw pickle, another format
+            raise CRBLError(f"{path}: not a PyTorch checkpoint (unreadable data); is it truncated "
+                            "or some other file? Use a .pth from training or convert_h5_to_pth.py") from None
+        raise CRBLError(f"{path}: refused: loading it would call {offending} (a pickle payload, "
+                        "possibly malicious); it was not unpickled. Use a checkpoint from training "
+                        "or convert_h5_to_pth.py") from None
     except Exception as exc:
         raise CRBLError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}); "
                         "is it truncated, or a Keras .h5? Convert .h5 files with convert_h5_to_pth.py") from None
