@@ -1,0 +1,240 @@
+"""Score images with a CRBL checkpoint on DirectML, CUDA/ROCm or CPU.
+
+    python inference_CRBL_pytorch_directml.py --weights crbl.pth --input photos/
+    python inference_CRBL_pytorch_directml.py --weights crbl.pth --input test_CRBL.csv --image-dir images --output preds.csv
+    python inference_CRBL_pytorch_directml.py --weights crbl.pth --input one.jpg --model-type crop --device cpu
+
+--input is one image, a folder (recursive) or a CSV manifest (`image_path`, optional `impurity`).
+The output CSV (UTF-8 with BOM, so Excel shows Korean names) gets one row per input image, in
+input order, written as it goes: image_path, score, prediction, label, error. With labels it
+also writes <output>_metrics.json and <output>_roc.png, _pr.png, _hist.png.
+Exit status: 0 done; 1 some images failed and --strict was given; 2 user error; 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from dataset_pytorch_directml import (IMAGE_EXTENSIONS, Sample, TestDataset, compute_metrics,
+                                      read_manifest, save_metric_plots, scan_folder, worker_init)
+from model_pytorch_directml import (MODEL_TYPE_THRESHOLDS, CRBLError, get_device, load_model,
+                                    resolve_threshold)
+
+OUTPUT_COLUMNS = ("image_path", "score", "prediction", "label", "error")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    io = parser.add_argument_group("input and output")
+    io.add_argument("--weights", required=True, help="CRBL checkpoint (.pth) from training or "
+                    "convert_h5_to_pth.py")
+    io.add_argument("--input", required=True, help="an image, a folder (searched recursively) or "
+                    "a CSV manifest with image_path and optional impurity/label")
+    io.add_argument("--image-dir", default=None, help="folder the CSV's image_path values are "
+                    "relative to (default: the CSV's folder)")
+    io.add_argument("--output", default="predictions.csv", help="output CSV; metrics and plots "
+                    "go beside it when labels are known")
+    decision = parser.add_argument_group("decision")
+    decision.add_argument("--threshold", type=float, default=None, help="anomaly if score >= "
+                          "threshold (default: the checkpoint's, else 0.5)")
+    decision.add_argument("--model-type", choices=sorted(MODEL_TYPE_THRESHOLDS), default=None,
+                          help="use the original threshold preset: crop 0.01, full 0.5")
+    runtime = parser.add_argument_group("runtime")
+    runtime.add_argument("--device", default="auto", help="auto, dml[:N], cuda[:N], rocm or cpu")
+    runtime.add_argument("--batch-size", type=int, default=32)
+    runtime.add_argument("--workers", type=int, default=-1, help="DataLoader processes decoding "
+                         "images while the model runs; -1 = min(4, CPU cores - 1)")
+    runtime.add_argument("--fp16", action="store_true", help="half-precision backbones on CUDA/"
+                         "ROCm/DirectML (bilinear pooling and head stay float32)")
+    runtime.add_argument("--strict", action="store_true", help="exit with status 1 when any "
+                         "image could not be scored")
+    runtime.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    return parser.parse_args(argv)
+
+
+def check_args(args) -> None:
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        raise CRBLError(f"--threshold {args.threshold} is outside [0, 1]; scores are probabilities")
+    if args.batch_size < 1:
+        raise CRBLError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not Path(args.input).exists():
+        raise CRBLError(f"--input {args.input}: not found; give an image, a folder or a CSV file")
+    if args.image_dir is not None and not is_manifest(args.input):
+        raise CRBLError("--image-dir only applies when --input is a CSV manifest; drop it")
+    if args.image_dir is not None and not Path(args.image_dir).is_dir():
+        raise CRBLError(f"--image-dir {args.image_dir}: folder not found")
+
+
+def is_manifest(input_path: str) -> bool:
+    return Path(input_path).is_file() and Path(input_path).suffix.lower() == ".csv"
+
+
+def collect_samples(args) -> list[Sample]:
+    """Samples in input order; nothing is decoded here."""
+    source = Path(args.input)
+    if is_manifest(args.input):
+        samples = read_manifest(source, args.image_dir)
+    elif source.is_dir():
+        samples, skipped = scan_folder(source)
+        if skipped:
+            print(f"skipped {skipped} non-image files under {source}")
+    else:
+        samples = [Sample(source, args.input, None)]
+    if not samples:
+        raise CRBLError(f"--input {source}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return samples
+
+
+def prepare_model(model, device, fp16: bool) -> str | None:
+    """Set the model up for the device; returns the half-precision mode used, if any."""
+    if device.kind != "dml":
+        # NHWC convolutions are faster on CUDA and on CPU (oneDNN); DirectML rejects them.
+        model.to(memory_format=torch.channels_last)
+    if not fp16:
+        return None
+    if device.kind in ("cuda", "rocm"):
+        return "autocast"
+    if device.kind == "dml":
+        # torch-directml has no autocast: store the backbones (and input buffers) in float16.
+        for module in (model.backbone1, model.backbone2):
+            module.half()
+        model.input_mean, model.input_std = model.input_mean.half(), model.input_std.half()
+        return "half"
+    print("note: --fp16 ignored on CPU (no float16 speed-up there); running float32")
+    return None
+
+
+def forward_logits(model, x: torch.Tensor, half_mode: str | None) -> torch.Tensor:
+    if half_mode is None:
+        return model(x)
+    if half_mode == "autocast":
+        with torch.autocast(device_type="cuda", dtype=torch.float16):
+            a, b = model.features(x)
+    else:
+        a, b = model.features(x.half())
+    # Bilinear pooling sums 1280² terms per image: float16 would overflow, so it stays float32.
+    return model.pool.linear(a.float(), b.float(), model.head.weight, model.head.bias)
+
+
+def make_loader(samples, image_size: int, args, device) -> DataLoader:
+    workers = args.workers if args.workers >= 0 else min(4, max(0, (os.cpu_count() or 1) - 1))
+    return DataLoader(TestDataset(samples, image_size), batch_size=args.batch_size, shuffle=False,
+                      num_workers=workers, worker_init_fn=worker_init if workers else None,
+                      pin_memory=device.kind in ("cuda", "rocm"))
+
+
+def score_to_csv(model, samples, args, device, half_mode, threshold
+                 ) -> tuple[list[float | None], list[str]]:
+    """Score every sample, appending its CSV row batch by batch; returns scores (None where
+    the image failed) and error reasons."""
+    from tqdm import tqdm
+    scores: list[float | None] = [None] * len(samples)
+    errors: list[str] = [""] * len(samples)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    loader = make_loader(samples, model.config.image_size, args, device)
+    non_blocking = device.kind in ("cuda", "rocm")
+    with open(output, "w", newline="", encoding="utf-8-sig") as f, \
+            tqdm(total=len(samples), unit="img", disable=args.no_progress, file=sys.stderr) as bar, \
+            torch.inference_mode():
+        writer = csv.writer(f)
+        writer.writerow(OUTPUT_COLUMNS)
+        for images, indices, batch_errors in loader:
+            good = [i for i, err in enumerate(batch_errors) if not err]
+            if good:
+                x = images[good].to(device.device, non_blocking=non_blocking)
+                if device.kind != "dml":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                probs = torch.sigmoid(forward_logits(model, x, half_mode).float()).flatten().cpu()
+                for i, p in zip(good, probs.tolist()):
+                    scores[int(indices[i])] = p
+            for index, err in zip(indices.tolist(), batch_errors):
+                errors[index] = err
+                writer.writerow(output_row(samples[index], scores[index], threshold, err))
+            f.flush()  # a crash or Ctrl-C keeps every finished batch
+            bar.update(len(indices))
+    return scores, errors
+
+
+def output_row(sample: Sample, score: float | None, threshold: float, error: str) -> list:
+    label = "" if sample.label is None else sample.label
+    if score is None:
+        return [sample.image_path, "", "", label, error]
+    return [sample.image_path, repr(score), int(score >= threshold), label, ""]
+
+
+def report_metrics(samples, scores, threshold, threshold_source, args) -> None:
+    """Metrics on the labelled, successfully scored images: printed, JSON and PNG plots."""
+    pairs = [(s.label, p) for s, p in zip(samples, scores) if s.label is not None and p is not None]
+    if not pairs:
+        return
+    labels, probs = zip(*pairs)
+    metrics = compute_metrics(labels, probs, threshold)
+    metrics["threshold_source"] = threshold_source
+    metrics["weights"] = str(args.weights)
+    metrics["unscored_labelled_images"] = sum(s.label is not None for s in samples) - len(pairs)
+    prefix = Path(args.output).with_suffix("")
+    json_path = prefix.with_name(prefix.name + "_metrics.json")
+    json_path.write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    plots = save_metric_plots(labels, probs, threshold, prefix)
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    (tn, fp), (fn, tp) = metrics["confusion_matrix"]
+    print(f"metrics on {metrics['n']} labelled images ({metrics['positives']} anomalies): "
+          f"accuracy {fmt(metrics['accuracy'])}, precision {fmt(metrics['precision'])}, "
+          f"recall {fmt(metrics['recall'])}, F1 {fmt(metrics['f1'])}, AUROC {fmt(metrics['auroc'])}, "
+          f"AP {fmt(metrics['ap'])}")
+    print(f"confusion matrix (rows true 0/1, columns predicted 0/1): [[{tn}, {fp}], [{fn}, {tp}]]")
+    print(f"wrote {json_path} and {', '.join(p.name for p in plots)}")
+
+
+def summarize(samples, scores, errors, threshold, threshold_source, seconds, args) -> int:
+    scored = [p for p in scores if p is not None]
+    failed = len(samples) - len(scored)
+    anomalies = sum(p >= threshold for p in scored)
+    print(f"scored {len(scored)} of {len(samples)} images in {seconds:.1f} s "
+          f"({len(samples) / max(seconds, 1e-9):.1f} images/s)")
+    print(f"threshold {threshold:g} from {threshold_source}: {anomalies} anomalies, "
+          f"{len(scored) - anomalies} normal")
+    print(f"wrote {args.output}")
+    if failed:
+        first = next(f"{s.image_path}: {e}" for s, e in zip(samples, errors) if e)
+        print(f"{failed} images could not be scored (see the 'error' column), e.g. {first}")
+    return 1 if failed and args.strict else 0
+
+
+def main(argv=None, auto_order: tuple[str, ...] = ("dml", "cuda", "cpu")) -> int:
+    args = parse_args(argv)
+    try:
+        check_args(args)
+        device = get_device(args.device, auto_order)
+        # The weights are loaded (and a bad file refused) before any image is read.
+        model = load_model(args.weights, device.device)
+        threshold, threshold_source = resolve_threshold(args.threshold, model.meta, args.model_type)
+        samples = collect_samples(args)
+        half_mode = prepare_model(model, device, args.fp16)
+        print(f"device {device}; {len(samples)} images at {model.config.image_size} px; "
+              f"threshold {threshold:g} ({threshold_source})")
+        start = time.perf_counter()
+        scores, errors = score_to_csv(model, samples, args, device, half_mode, threshold)
+        seconds = time.perf_counter() - start
+        report_metrics(samples, scores, threshold, threshold_source, args)
+        return summarize(samples, scores, errors, threshold, threshold_source, seconds, args)
+    except CRBLError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: the rows finished so far are in {args.output}", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,229 @@
+"""inference_CRBL_pytorch_directml.py end to end on small real files the tests write."""
+import csv
+import json
+import pickle
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import inference_CRBL_pytorch_directml as inference
+from model_pytorch_directml import CRBLConfig, CRBLModel, save_checkpoint
+
+SIZE = 64  # small model input keeps CPU runs at a few seconds
+
+
+def read_rows(path):
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        return list(csv.DictReader(f))
+
+
+def run(*args):
+    return inference.main([*map(str, args), "--device", "cpu", "--no-progress"])
+
+
+def write_images(folder, names, seed=0, size=(48, 80)):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / name)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = CRBLModel(CRBLConfig(image_size=SIZE))
+    with torch.no_grad():
+        model.head.weight.mul_(3000)  # random init gives scores ~0.5 for all; spread them
+    path = tmp_path_factory.mktemp("ckpt") / "crbl64.pth"
+    save_checkpoint(path, model, threshold=0.42, threshold_source="validation F1")
+    return path
+
+
+GOOD = ["a.png", "sub/b.jpg", "검사 이미지.png", "with space.png", "sub/deeper/C.PNG"]
+
+
+def make_bad_files(folder):
+    """Every kind of bad input the issue lists; returns name -> expected words in `error`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "zero.png").write_bytes(b"")
+    (folder / "text.png").write_text("this is text, not a PNG")
+    full = folder / "a.png"
+    (folder / "truncated.png").write_bytes(full.read_bytes()[: len(full.read_bytes()) // 2])
+    (folder / "photo.heic").write_bytes(b"\0\0\0\x18ftypheic" + bytes(64))  # Pillow can't read
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    (folder / "bomb.png").write_bytes(  # header claims 20000 x 20000 pixels
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 1, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b""))
+    return {"zero.png": "empty file", "text.png": "not an image", "truncated.png": "truncated",
+            "photo.heic": "cannot read", "bomb.png": "decompression bomb"}
+
+
+def test_fixture_scores_match_keras(shared_fixture, tmp_path):
+    convert = pytest.importorskip("convert_h5_to_pth", reason="converter not landed yet").convert
+    h5, ref_path = shared_fixture
+    ref = np.load(ref_path)
+    convert(h5, tmp_path / "crbl.pth", image_size=128)
+    (tmp_path / "imgs").mkdir()
+    for i, img in enumerate(ref["images_uint8"]):
+        Image.fromarray(img).save(tmp_path / "imgs" / f"{i}.png")
+    out = tmp_path / "preds.csv"
+    assert run("--weights", tmp_path / "crbl.pth", "--input", tmp_path / "imgs", "--output", out,
+               "--batch-size", 4, "--workers", 2) == 0
+    rows = read_rows(out)
+    assert [r["image_path"] for r in rows] == [f"{i}.png" for i in range(len(ref["prob"]))]
+    scores = np.array([float(r["score"]) for r in rows])
+    np.testing.assert_allclose(scores, ref["prob"][:, 0], atol=1e-4, rtol=0)
+
+
+def test_mixed_folder_one_row_per_file_and_clean_scores(checkpoint, tmp_path, capsys):
+    write_images(tmp_path / "clean", GOOD)
+    write_images(tmp_path / "mixed", GOOD)
+    bad = make_bad_files(tmp_path / "mixed")
+    (tmp_path / "mixed" / "notes.txt").write_text("not listed: not an image extension")
+
+    assert run("--weights", checkpoint, "--input", tmp_path / "clean",
+               "--output", tmp_path / "clean.csv", "--batch-size", 4, "--workers", 0) == 0
+    capsys.readouterr()
+    assert run("--weights", checkpoint, "--input", tmp_path / "mixed",
+               "--output", tmp_path / "mixed.csv", "--batch-size", 4, "--workers", 2) == 0
+    out = capsys.readouterr().out
+    assert f"{len(bad)} images could not be scored" in out
+
+    clean = {r["image_path"]: r for r in read_rows(tmp_path / "clean.csv")}
+    rows = read_rows(tmp_path / "mixed.csv")
+    assert sorted(r["image_path"] for r in rows) == sorted(GOOD + list(bad))
+    assert [r["image_path"] for r in rows] == \
+        ["a.png", "bomb.png", "photo.heic", "sub/b.jpg", "sub/deeper/C.PNG", "text.png",
+         "truncated.png", "with space.png", "zero.png", "검사 이미지.png"]  # sorted path parts
+    for row in rows:
+        name = row["image_path"]
+        if name in bad:
+            assert bad[name] in row["error"] and row["score"] == row["prediction"] == "", row
+        else:
+            assert row["error"] == "" and clean[name]["score"] != ""
+            # Batches differ (bad files drop out), so allow float32 noise of other batch shapes.
+            assert float(row["score"]) == pytest.approx(float(clean[name]["score"]), abs=1e-6)
+            assert row["prediction"] == str(int(float(row["score"]) >= 0.42))
+    assert len({r["score"] for r in clean.values()}) == len(GOOD)  # scores really differ
+
+    assert run("--weights", checkpoint, "--input", tmp_path / "mixed", "--output",
+               tmp_path / "strict.csv", "--strict", "--workers", 0) == 1
+    assert len(read_rows(tmp_path / "strict.csv")) == len(rows)  # strict still finishes the run
+
+
+def test_csv_manifest_with_labels_writes_metrics(checkpoint, tmp_path, capsys):
+    names = [f"img_{i}.png" for i in range(8)]
+    write_images(tmp_path / "images", names, seed=1)
+    labels = [0, 1, 0, 1, 1, 0, 0, 1]
+    lines = ["image_path,impurity"] + [f"{n},{y}" for n, y in zip(names, labels)] + ["gone.png,1"]
+    manifest = tmp_path / "test_CRBL.csv"
+    manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "out" / "preds.csv"
+    assert run("--weights", checkpoint, "--input", manifest, "--image-dir", tmp_path / "images",
+               "--output", out, "--threshold", 0.5) == 0
+    printed = capsys.readouterr().out
+    assert "threshold 0.5 from --threshold" in printed and "AUROC" in printed
+
+    rows = read_rows(out)
+    assert [r["image_path"] for r in rows] == names + ["gone.png"]
+    assert [r["label"] for r in rows] == [str(y) for y in labels + [1]]
+    assert "not found" in rows[-1]["error"] and rows[-1]["score"] == ""
+
+    from dataset_pytorch_directml import compute_metrics
+    scores = [float(r["score"]) for r in rows[:-1]]
+    metrics = json.loads((tmp_path / "out" / "preds_metrics.json").read_text(encoding="utf-8"))
+    expected = compute_metrics(labels, scores, 0.5)
+    for key in ("accuracy", "precision", "recall", "f1", "auroc", "ap", "confusion_matrix", "n"):
+        assert metrics[key] == expected[key], key  # CSV scores round-trip exactly
+    assert metrics["threshold_source"] == "--threshold" and metrics["unscored_labelled_images"] == 1
+    for suffix in ("roc", "pr", "hist"):
+        assert (tmp_path / "out" / f"preds_{suffix}.png").stat().st_size > 1000
+
+
+def test_threshold_sources(checkpoint, tmp_path, capsys):
+    write_images(tmp_path / "imgs", ["x.png"])
+    single = tmp_path / "imgs" / "x.png"
+    assert run("--weights", checkpoint, "--input", single, "--output", tmp_path / "a.csv") == 0
+    assert "threshold 0.42 (checkpoint (validation F1))" in capsys.readouterr().out
+    assert read_rows(tmp_path / "a.csv")[0]["image_path"] == str(single)  # as given
+    assert run("--weights", checkpoint, "--input", single, "--output", tmp_path / "b.csv",
+               "--model-type", "crop") == 0
+    assert "threshold 0.01 (--model-type crop preset)" in capsys.readouterr().out
+    assert read_rows(tmp_path / "b.csv")[0]["prediction"] == "1"
+
+
+class _Marker:
+    """Unpickling this creates a file: proof that a payload was executed."""
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the raw pickle case
+@pytest.mark.parametrize("kind", ["pickle_payload_zip", "pickle_payload_raw", "truncated",
+                                  "random", "keras_h5", "missing"])
+def test_bad_weights_refused_before_any_image(checkpoint, tmp_path, capsys, monkeypatch, kind):
+    write_images(tmp_path / "imgs", ["x.png"])
+    marker = tmp_path / "PWNED"
+    weights = tmp_path / "w.pth"
+    if kind == "pickle_payload_zip":
+        torch.save({"format": "crbl-pytorch", "config": {}, "x": _Marker(str(marker))}, weights)
+    elif kind == "pickle_payload_raw":
+        weights.write_bytes(pickle.dumps({"state_dict": _Marker(str(marker))}))
+    elif kind == "truncated":
+        weights.write_bytes(checkpoint.read_bytes()[:100_000])
+    elif kind == "random":
+        weights.write_bytes(np.random.default_rng(0).bytes(5000))
+    elif kind == "keras_h5":
+        weights.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(2000))
+
+    def no_image_reads(*a, **k):
+        raise AssertionError("an image was read before the weights were checked")
+    monkeypatch.setattr("dataset_pytorch_directml.load_rgb_uint8", no_image_reads)
+    out = tmp_path / "preds.csv"
+    assert run("--weights", weights, "--input", tmp_path / "imgs", "--output", out) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and str(weights) in err and len(err.splitlines()) == 1
+    expected = {"pickle_payload_zip": "refused", "keras_h5": "convert_h5_to_pth.py", "missing": "not found"}
+    assert expected.get(kind, "checkpoint") in err
+    assert not marker.exists()
+    assert not out.exists()
+
+
+def test_rows_are_written_as_it_goes(checkpoint, tmp_path, monkeypatch, capsys):
+    names = [f"{i}.png" for i in range(6)]
+    write_images(tmp_path / "imgs", names)
+    real_forward, calls = inference.forward_logits, []
+
+    def interrupted_forward(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the user presses Ctrl-C during the third batch
+        return real_forward(*args)
+    monkeypatch.setattr(inference, "forward_logits", interrupted_forward)
+    out = tmp_path / "preds.csv"
+    assert run("--weights", checkpoint, "--input", tmp_path / "imgs", "--output", out,
+               "--batch-size", 2, "--workers", 0) == 130
+    assert "interrupted" in capsys.readouterr().err
+    rows = read_rows(out)
+    assert [r["image_path"] for r in rows] == names[:4] and all(r["score"] for r in rows)
+
+
+def test_user_errors_are_one_line(checkpoint, tmp_path, capsys):
+    write_images(tmp_path / "imgs", ["x.png"])
+    cases = [("--input", tmp_path / "nope"), ("--input", tmp_path / "imgs", "--threshold", 2),
+             ("--input", tmp_path / "imgs", "--image-dir", tmp_path)]
+    for case in cases:
+        assert run("--weights", checkpoint, *case, "--output", tmp_path / "o.csv") == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and len(err.splitlines()) == 1
