@@ -329,3 +329,284 @@ def save_metric_plots(labels: Sequence[int], scores: Sequence[float], threshold:
     ax.legend()
     save(fig, "hist")
     return written
+
+
+# --------------------------------------------------------------------------------------------
+# Training data: class folders, MVTec layout, checks, split, balanced batches, augmentation
+# --------------------------------------------------------------------------------------------
+
+# Class-folder names (lower case) that mean "normal" (label 0); every other folder is an anomaly.
+NORMAL_CLASS_NAMES = ("good", "normal", "ok", "0", "class_0")
+
+
+def scan_class_folders(root: str | os.PathLike) -> list[Sample]:
+    """Labelled samples of root/<class>/**/image: good/normal/ok/0/class_0 = 0, others = 1.
+
+    image_path is relative to root's parent chain as given (root/<class>/...), so it names the
+    file the way the user sees it. Images lying directly in root have no class and are refused.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise CRBLError(f"{root}: folder not found")
+    loose = [p.name for p in sorted(root.iterdir())
+             if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    if loose:
+        raise CRBLError(f"{root}: {len(loose)} images (e.g. {loose[0]}) lie outside class folders; "
+                        f"move them into {root}/good/ (normal) or {root}/<defect name>/ (anomaly)")
+    samples = []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        label = 0 if class_dir.name.lower() in NORMAL_CLASS_NAMES else 1
+        found, _ = scan_folder(class_dir)
+        samples += [Sample(s.path, f"{class_dir.name}/{s.image_path}", label) for s in found]
+    return samples
+
+
+def discover_image_folder(data_dir: str | os.PathLike) -> tuple[list[Sample], list[Sample] | None, str]:
+    """(train, val or None, how it was read) from a folder of class folders or a split layout.
+
+    - data_dir/train/<class>/ and data_dir/test/<class>/: train and validation as given;
+    - MVTec AD (train/good only, test/good + test/<defect>): CRBL is supervised and needs
+      anomalies to learn from, so train and test are pooled and split by the caller;
+    - data_dir/<class>/: one pool, split by the caller.
+    image_path values are relative to data_dir (e.g. "test/scratch/000.png").
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise CRBLError(f"--data-dir {data_dir}: folder not found")
+    if not (data_dir / "train").is_dir():
+        return scan_class_folders(data_dir), None, f"{data_dir}: class folders, split for validation"
+    train = _prefixed(scan_class_folders(data_dir / "train"), "train")
+    test = (_prefixed(scan_class_folders(data_dir / "test"), "test")
+            if (data_dir / "test").is_dir() else [])
+    if not test:
+        return train, None, f"{data_dir}: train/ class folders, split for validation"
+    if {s.label for s in train} == {0, 1}:
+        return train, test, f"{data_dir}: train/ for training, test/ for validation"
+    return train + test, None, (f"{data_dir}: MVTec layout (train/ holds normal images only): "
+                                "train/ and test/ pooled, then split for validation")
+
+
+def _prefixed(samples: list[Sample], prefix: str) -> list[Sample]:
+    return [Sample(s.path, f"{prefix}/{s.image_path}", s.label) for s in samples]
+
+
+def stratified_split(samples: Sequence[Sample], val_fraction: float, seed: int
+                     ) -> tuple[list[Sample], list[Sample]]:
+    """Seeded, class-stratified train/validation split (scikit-learn)."""
+    from sklearn.model_selection import train_test_split
+    labels = [s.label for s in samples]
+    try:
+        train_idx, val_idx = train_test_split(range(len(samples)), test_size=val_fraction,
+                                              stratify=labels, random_state=seed)
+    except ValueError as exc:
+        counts = {c: labels.count(c) for c in (0, 1)}
+        raise CRBLError(f"cannot split {len(samples)} images (per class {counts}) with --val-split "
+                        f"{val_fraction}: {exc}. Add images or give a validation set") from None
+    return [samples[i] for i in sorted(train_idx)], [samples[i] for i in sorted(val_idx)]
+
+
+def check_labelled(samples: Sequence[Sample], what: str) -> None:
+    """Both classes present; CRBL learns normal vs anomaly and AUROC needs both."""
+    if not samples:
+        raise CRBLError(f"{what}: no images found")
+    counts = [sum(s.label == c for s in samples) for c in (0, 1)]
+    if 0 in counts:
+        missing = "normal (0)" if counts[0] == 0 else "anomaly (1)"
+        raise CRBLError(f"{what}: all {len(samples)} images have the same label, none is "
+                        f"{missing}; training needs both normal and anomalous images")
+
+
+def verify_images(samples: Sequence[Sample], what: str, where=None, max_bad_fraction: float = 0.05,
+                  progress: bool = True) -> tuple[list[Sample], list[str]]:
+    """Decode every image once before training, so no file fails mid-epoch.
+
+    Missing files are an error (a wrong path or --image-dir). Unreadable files are dropped and
+    returned as warnings, unless they are more than max_bad_fraction of the set.
+    where(i) names sample i for messages (e.g. "train.csv row 7"); default its path.
+    """
+    from tqdm import tqdm
+    where = where or (lambda i: str(samples[i].path))
+    missing = [i for i, s in enumerate(samples) if not s.path.is_file()]
+    if missing:
+        first = missing[0]
+        raise CRBLError(f"{what}: {len(missing)} image files not found, first {where(first)}: "
+                        f"{samples[first].path}; fix the paths (or --image-dir)")
+    good, bad = [], []
+    for i, sample in enumerate(tqdm(samples, desc=f"checking {what}", unit="img", leave=False,
+                                    disable=not progress)):
+        try:
+            load_rgb_uint8(sample.path)
+        except ImageError as exc:
+            bad.append(f"{where(i)}: {exc.reason}")
+            continue
+        good.append(sample)
+    if len(bad) > max_bad_fraction * len(samples):
+        raise CRBLError(f"{what}: {len(bad)} of {len(samples)} images are unreadable, first "
+                        f"{bad[0]}; fix or remove them")
+    return good, bad
+
+
+class TrainDataset(Dataset):
+    """Training items `(image (3,S,S) in [0,1], label float)`, augmented.
+
+    An item key may be `(index, seed)`: the augmentation of that draw then depends on the seed
+    alone, not on which DataLoader worker runs it nor on the dropout RNG of the main process.
+    """
+
+    def __init__(self, samples: Sequence[Sample], image_size: int, transform=None):
+        self.samples, self.image_size, self.transform = list(samples), int(image_size), transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        sample = self.samples[index]
+        image = preprocess_image(sample.path, self.image_size)
+        if self.transform is not None:
+            with torch.random.fork_rng(devices=[]):  # leave the caller's RNG untouched
+                if seed is not None:
+                    torch.manual_seed(seed)
+                image = self.transform(image)
+        return image, torch.tensor(float(sample.label))
+
+
+def train_augmentation(image_size: int):
+    """Flips, a small rotation/shift/zoom and colour jitter (torchvision transforms v2).
+
+    The affine runs on a reflect-padded copy, then the centre is cropped back: no black
+    corners, which a defect detector could otherwise learn as a feature.
+    """
+    from torchvision.transforms import InterpolationMode, v2
+    pad = math.ceil(0.15 * image_size)
+    return v2.Compose([
+        v2.RandomHorizontalFlip(),
+        v2.RandomVerticalFlip(),
+        v2.Pad(pad, padding_mode="reflect"),
+        v2.RandomAffine(degrees=10, translate=(0.05, 0.05), scale=(0.95, 1.05),
+                        interpolation=InterpolationMode.BILINEAR),
+        v2.CenterCrop(image_size),
+        v2.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.02),
+    ])
+
+
+class ClassBalancedBatchSampler(torch.utils.data.Sampler):
+    """Batches with exactly round(batch_size·class0_ratio) normal images, the rest anomalies.
+
+    Each class is drawn from its own shuffled list, reshuffled when used up, so the rarer class
+    repeats within an epoch. An epoch is `num_batches` batches. Everything is drawn from a
+    generator seeded by (seed, epoch): `set_epoch(e)` makes epoch e the same in every run,
+    resumed or not, whatever the number of DataLoader workers. Items are `(index, seed)` pairs
+    for TrainDataset's per-draw augmentation seed.
+    """
+
+    def __init__(self, labels: Sequence[int], batch_size: int, class0_ratio: float = 0.5,
+                 num_batches: int | None = None, seed: int = 0):
+        if not 0.0 <= class0_ratio <= 1.0:
+            raise CRBLError(f"--class0-ratio must be within [0, 1], got {class0_ratio}")
+        labels = np.asarray(labels)
+        self.class_indices = [np.flatnonzero(labels == c) for c in (0, 1)]
+        self.n0 = int(round(batch_size * class0_ratio))
+        self.per_class = (self.n0, batch_size - self.n0)
+        for c, need in enumerate(self.per_class):
+            if need and not len(self.class_indices[c]):
+                raise CRBLError(f"--class0-ratio {class0_ratio} needs class {c} images, there are none")
+        self.batch_size, self.seed, self.epoch = batch_size, seed, 0
+        self.num_batches = num_batches or math.ceil(len(labels) / batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        streams = [self._stream(idx, g) for idx in self.class_indices]
+        for _ in range(self.num_batches):
+            batch = [next(streams[c]) for c in (0, 1) for _ in range(self.per_class[c])]
+            seeds = torch.randint(0, 2**62, (len(batch),), generator=g).tolist()
+            yield list(zip(batch, seeds))
+
+    @staticmethod
+    def _stream(indices: np.ndarray, g: torch.Generator):
+        while len(indices):
+            for i in torch.randperm(len(indices), generator=g).tolist():
+                yield int(indices[i])
+
+
+# --------------------------------------------------------------------------------------------
+# Demo data: synthetic textures with defects
+# --------------------------------------------------------------------------------------------
+
+DEMO_DEFECTS = ("scratch", "blob", "stain")
+
+
+def _demo_texture(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A brushed-metal / fabric-like surface: base colour, soft shading, weave, grain."""
+    from PIL import Image
+    base = rng.uniform(90, 170) + rng.uniform(-12, 12, 3)
+    shade = rng.normal(0, 10, (6, 6)).astype(np.float32)
+    shade = np.asarray(Image.fromarray(shade).resize((size, size), Image.BICUBIC))
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    angle, period = rng.uniform(0, np.pi), rng.uniform(4, 8) * size / 128
+    weave = 6 * np.sin(2 * np.pi * (xx * np.cos(angle) + yy * np.sin(angle)) / period)
+    grain = rng.normal(0, 5, (size, size))
+    return base[None, None, :] + (shade + weave + grain)[:, :, None]
+
+
+def _demo_defect(img: np.ndarray, rng: np.random.Generator, kind: str) -> np.ndarray:
+    from PIL import Image, ImageDraw
+    size = img.shape[0]
+    mask = Image.new("F", (size, size), 0.0)
+    draw = ImageDraw.Draw(mask)
+    cx, cy = rng.uniform(0.25, 0.75, 2) * size
+    if kind == "scratch":
+        length, angle = rng.uniform(0.4, 0.8) * size, rng.uniform(0, np.pi)
+        dx, dy = np.cos(angle) * length / 2, np.sin(angle) * length / 2
+        draw.line([(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=1.0,
+                  width=max(2, int(rng.uniform(0.02, 0.04) * size)))
+        colour = rng.choice([-1.0, 1.0]) * rng.uniform(60, 90) * np.ones(3)
+    elif kind == "blob":
+        rx, ry = rng.uniform(0.07, 0.15, 2) * size
+        draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=1.0)
+        colour = -rng.uniform(55, 85) * np.ones(3)
+    else:  # stain: a soft brownish discolouration
+        radius = rng.uniform(0.12, 0.22) * size
+        yy, xx = np.mgrid[0:size, 0:size]
+        soft = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * (radius / 2) ** 2))
+        mask = Image.fromarray(soft.astype(np.float32))
+        colour = rng.uniform(50, 80) * np.array([0.3, -0.4, -1.0])
+    return img + np.asarray(mask)[:, :, None] * colour
+
+
+def make_demo_dataset(root: str | os.PathLike, train_per_class: int = 48, test_per_class: int = 24,
+                      size: int = 128, seed: int = 0) -> dict[str, int]:
+    """Write a seeded synthetic defect data set, no download needed:
+
+    root/{train,test}/{good,defect}/*.png (the class-folder layout), plus root/train.csv and
+    root/test.csv manifests (image_path relative to root, impurity 0/1) for the inference script.
+    Returns image counts per split.
+    """
+    from PIL import Image
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    counts = {}
+    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
+        rows = []
+        for label, cls in ((0, "good"), (1, "defect")):
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                img = _demo_texture(rng, size)
+                name = f"{i:03d}.png"
+                if label:
+                    kind = DEMO_DEFECTS[i % len(DEMO_DEFECTS)]
+                    img, name = _demo_defect(img, rng, kind), f"{i:03d}_{kind}.png"
+                Image.fromarray(img.clip(0, 255).round().astype(np.uint8)).save(root / split / cls / name)
+                rows.append((f"{split}/{cls}/{name}", label))
+        with open(root / f"{split}.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(("image_path", "impurity"))
+            writer.writerows(rows)
+        counts[split] = len(rows)
+    return counts
