@@ -39,7 +39,7 @@ TORCH_INDEX = {
 }
 TORCH_PACKAGES = ("torch", "torchvision", "torch-directml")
 DIRECTML_MAX_PYTHON = (3, 12)     # torch-directml 0.2.5 ships wheels for CPython 3.8-3.12 only
-DIRECTML_MIN_WINDOWS_BUILD = 18362  # Windows 10 1903: first with the DirectML torch backend needs
+DIRECTML_MIN_WINDOWS_BUILD = 16299  # Windows 10 1709: Microsoft's minimum for native torch-directml
 PCI_VENDORS = {"1002": "amd", "1022": "amd", "10de": "nvidia", "8086": "intel", "1414": "microsoft"}
 DRIVER_ADVICE = {
     "amd": "install the current AMD Software: Adrenalin Edition driver (amd.com/support)",
@@ -347,8 +347,8 @@ def directml_problems(system: SystemInfo, versions: dict, reqs: list[Requirement
     if system.os == "windows":
         build = _windows_build(system.os_version)
         if build is not None and build < DIRECTML_MIN_WINDOWS_BUILD:
-            problems.append(Problem("error", f"Windows build {build} is older than 10.0.18362 (1903), "
-                                    "the first with the DirectX 12 features torch-directml uses",
+            problems.append(Problem("error", f"Windows build {build} is older than 10.0.16299 "
+                                    "(Windows 10 1709), the oldest torch-directml supports",
                                     "update Windows (Settings > Windows Update)"))
         problems += _adapter_problems(system)
     if versions.get("torch-directml") and versions.get("torch") and torch_pin and \

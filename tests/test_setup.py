@@ -233,9 +233,9 @@ def test_torch_clash_is_repaired_by_install(monkeypatch, capsys, no_install):
 
 
 def test_only_basic_display_adapter_and_old_windows():
-    system = make_system("windows", gpus=[BASIC], os_version="10.0.17763")
+    system = make_system("windows", gpus=[BASIC], os_version="10.0.15063")
     whats = " | ".join(p.what for p in dml.environment_problems(system, {}, "directml", REQS))
-    assert "Basic Display" in whats and "17763" in whats
+    assert "Basic Display" in whats and "15063" in whats
 
 
 def test_directml_on_plain_linux_points_to_rocm():
