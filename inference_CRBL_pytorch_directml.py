@@ -66,6 +66,8 @@ def check_args(args) -> None:
         raise CRBLError(f"--threshold {args.threshold} is outside [0, 1]; scores are probabilities")
     if args.batch_size < 1:
         raise CRBLError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if Path(args.output).is_dir():
+        raise CRBLError(f"--output {args.output} is a folder; give a file name such as preds.csv")
     if not Path(args.input).exists():
         raise CRBLError(f"--input {args.input}: not found; give an image, a folder or a CSV file")
     if args.image_dir is not None and not is_manifest(args.input):

@@ -222,8 +222,9 @@ def test_rows_are_written_as_it_goes(checkpoint, tmp_path, monkeypatch, capsys):
 def test_user_errors_are_one_line(checkpoint, tmp_path, capsys):
     write_images(tmp_path / "imgs", ["x.png"])
     cases = [("--input", tmp_path / "nope"), ("--input", tmp_path / "imgs", "--threshold", 2),
-             ("--input", tmp_path / "imgs", "--image-dir", tmp_path)]
+             ("--input", tmp_path / "imgs", "--image-dir", tmp_path),
+             ("--input", tmp_path / "imgs", "--output", tmp_path)]
     for case in cases:
-        assert run("--weights", checkpoint, *case, "--output", tmp_path / "o.csv") == 2
+        assert run("--weights", checkpoint, "--output", tmp_path / "o.csv", *case) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and len(err.splitlines()) == 1
