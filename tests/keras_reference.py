@@ -125,6 +125,7 @@ def main():
     p.add_argument("--flavour", choices=["qubvel", "keras3-apps"], default="qubvel")
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--n-test", type=int, default=6)
+    p.add_argument("--with-b1", action="store_true", help="also save b1.h5 (EfficientNetB1 backbones)")
     args = p.parse_args()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -174,6 +175,17 @@ def main():
         model.save_weights(str(out / "objgraph.weights.h5"))  # Keras 3: with vars 'name' attrs
         model.save(str(out / "full.h5"))                      # Keras-3 legacy full-model HDF5
         files = {"objgraph": "objgraph.weights.h5", "full": "full.h5"}
+    if args.with_b1:  # a CRBL-shaped model on EfficientNetB1 backbones: must be refused
+        import efficientnet.tfkeras as efn
+        inp1 = keras.layers.Input((64, 64, 3))
+        feats1 = []
+        for k in range(2):
+            b1_model = efn.EfficientNetB1(weights=None, include_top=False, input_shape=(64, 64, 3))
+            b1_model._name = f"EfficientNetB1_{k}"
+            feats1.append(b1_model(inp1))
+        z1 = keras.layers.Lambda(bilinear, name="lambda")(feats1)
+        keras.Model(inp1, keras.layers.Dense(1, activation="sigmoid")(z1)).save_weights(str(out / "b1.h5"))
+        files["b1"] = "b1.h5"
     (out / "files.json").write_text(json.dumps(files))
     print("spread of probabilities:", prob.ravel().round(3).tolist(), file=sys.stderr)
 
