@@ -338,7 +338,7 @@ def directml_problems(system: SystemInfo, versions: dict, reqs: list[Requirement
             "error", f"Python {system.python_str}: torch-directml {dml_pin} has wheels for Python "
             "3.8-3.12 only, so DirectML cannot be installed into this interpreter",
             "install Python 3.12 (python.org, or `winget install Python.Python.3.12`) and use a venv "
-            "made with it (the plan below shows the commands); or stay on this Python with "
+            "made with it (the install plan shows the commands); or stay on this Python with "
             "--target cpu"))
     if system.os == "linux" and not (system.wsl and system.dxg):
         problems.append(Problem(
@@ -571,7 +571,9 @@ def quote_command(argv: list[str]) -> str:
 
 def print_verification(v: Verification) -> None:
     print("\nVerification:")
-    if v.device:
+    if not v.device:
+        print("  not run: no usable device (see the problems below)")
+    else:
         print(f"  device : {v.device}")
     for note in v.notes:
         print(f"  skipped: {note}")
