@@ -231,10 +231,14 @@ class EfficientNetB0FeatureExtractor(nn.Module):
         else:
             state = read_state_dict_file(weights)
         state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
-        missing, unexpected = self.body.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise CRBLError(f"backbone weights {weights!r} do not fit {type(self.body).__name__}: "
-                            f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        own = self.body.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        if missing or unexpected or wrong:
+            raise CRBLError(f"backbone weights {weights!r} do not fit {self.body.default_cfg.get('architecture')}: "
+                            f"missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]}")
+        self.body.load_state_dict(state, strict=True)
 
     @staticmethod
     def _download(tag: str, kind: str) -> dict[str, torch.Tensor]:

@@ -1,0 +1,310 @@
+"""model_pytorch_directml.py: bilinear pooling semantics, freezing, devices, checkpoints."""
+import sys
+import types
+
+import pytest
+import torch
+
+import model_pytorch_directml as mp
+from model_pytorch_directml import (BilinearPooling, CRBLConfig, CRBLError, CRBLModel,
+                                    freeze_backbones, get_device, keras_layer_table, load_model,
+                                    save_checkpoint)
+
+
+def keras_bilinear(a, b, eps=1e-12, l2_eps=1e-12):
+    """The Keras Lambda, written as literally as possible in float64 (NHWC reshape, Aᵀ·B)."""
+    n, c, h, w = a.shape
+    A = a.permute(0, 2, 3, 1).reshape(n, h * w, c).double()
+    B = b.permute(0, 2, 3, 1).reshape(n, h * w, c).double()
+    phi = (A.transpose(1, 2) @ B).reshape(n, c * c) / (h * w)
+    y = torch.sign(phi) * torch.sqrt(phi.abs() + eps)
+    return y / torch.sqrt(torch.clamp((y * y).sum(1, keepdim=True), min=l2_eps))
+
+
+def test_bilinear_equals_keras_semantics():
+    torch.manual_seed(0)
+    a, b = torch.randn(3, 16, 4, 5), torch.randn(3, 16, 4, 5)
+    z = BilinearPooling()(a.clone(), b.clone())
+    assert torch.allclose(z.double(), keras_bilinear(a, b), atol=1e-6)
+    # row-major flattening: index i*C + j, i over backbone-1 channels
+    phi01 = (a[0, 1].flatten() * b[0, 2].flatten()).mean()
+    assert torch.sign(z[0, 1 * 16 + 2]) == torch.sign(phi01)
+
+
+def test_bilinear_is_per_sample():
+    torch.manual_seed(1)
+    a, b = torch.randn(4, 8, 3, 3), torch.randn(4, 8, 3, 3)
+    together = BilinearPooling()(a.clone(), b.clone())
+    alone = torch.cat([BilinearPooling()(a[i:i + 1].clone(), b[i:i + 1].clone()) for i in range(4)])
+    assert torch.allclose(together, alone, atol=1e-7)
+
+
+def test_bilinear_gradient_equals_autograd():
+    torch.manual_seed(2)
+    a = torch.randn(2, 6, 3, 3, dtype=torch.double, requires_grad=True)
+    b = torch.randn(2, 6, 3, 3, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: BilinearPooling()(a, b), (a, b))
+    g = torch.randn(2, 36, dtype=torch.double)
+    ours = torch.autograd.grad((BilinearPooling()(a, b) * g).sum(), (a, b))
+    ref = torch.autograd.grad((keras_bilinear(a, b) * g).sum(), (a, b))
+    for x, y in zip(ours, ref):
+        assert torch.allclose(x, y, atol=1e-9)
+
+
+def test_fused_inference_head_equals_unfused():
+    torch.manual_seed(3)
+    c = mp.NUM_FEATURES
+    a, b = torch.randn(5, c, 4, 4), torch.randn(5, c, 4, 4)
+    weight, bias = torch.randn(1, c * c) * 1e-3, torch.randn(1)
+    ref = keras_bilinear(a, b) @ weight.double().T + bias.double()
+    fused = BilinearPooling().linear(a, b, weight, bias)
+    assert fused.shape == (5, 1)
+    assert (fused.double() - ref).abs().max() < 1e-5
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    torch.manual_seed(0)
+    return CRBLModel(CRBLConfig(image_size=64))
+
+
+def test_forward_paths_agree(small_model):
+    x = torch.rand(2, 3, 64, 64)
+    small_model.eval()
+    with torch.no_grad():
+        fused = small_model(x)
+    unfused = small_model(x)  # grad enabled: the autograd path
+    assert fused.shape == (2, 1)
+    assert torch.allclose(fused, unfused.detach(), atol=1e-5)
+    assert torch.allclose(small_model.predict_proba(x).detach(), torch.sigmoid(unfused.detach()), atol=1e-5)
+
+
+def _trainable_modules(model):
+    return {n.rsplit(".", 1)[0] for n, p in model.backbone1.body.named_parameters() if p.requires_grad}
+
+
+def test_crop_freezing_matches_keras_layer_150(small_model):
+    info = freeze_backbones(small_model, "crop")
+    assert info["trainable_from"] == 150
+    expected = {l.timm_module for l in keras_layer_table() if l.timm_module and l.index >= 150}
+    assert _trainable_modules(small_model) == expected
+    assert "blocks.4.2.se.conv_expand" in expected and "blocks.4.2.se.conv_reduce" not in expected
+    assert "blocks.4.2.conv_dw" not in expected and "blocks.4.2.conv_pwl" in expected
+    assert small_model.head.weight.requires_grad
+    assert info["trainable"] + info["frozen"] == sum(p.numel() for p in small_model.parameters())
+
+
+def test_full_freezing_trains_head_only(small_model):
+    freeze_backbones(small_model, "full")
+    trainable = [n for n, p in small_model.named_parameters() if p.requires_grad]
+    assert trainable == ["head.weight", "head.bias"]
+
+
+def test_frozen_batchnorm_keeps_statistics_in_training(small_model):
+    freeze_backbones(small_model, "crop")
+    small_model.train()
+    frozen_bn = small_model.backbone1.body.blocks[4][2].bn1  # Keras layer 142: frozen
+    live_bn = small_model.backbone1.body.blocks[4][2].bn3    # Keras layer 152: trainable
+    assert not frozen_bn.training and live_bn.training
+    before_frozen = frozen_bn.running_mean.clone()
+    before_live = live_bn.running_mean.clone()
+    small_model(torch.rand(4, 3, 64, 64)).sum().backward()
+    assert torch.equal(frozen_bn.running_mean, before_frozen)
+    assert not torch.equal(live_bn.running_mean, before_live)
+    assert small_model.dropout.training  # dropout still active, as in Keras fit()
+
+
+def test_bad_freeze_arguments(small_model):
+    with pytest.raises(CRBLError, match="model type"):
+        freeze_backbones(small_model, "partial")
+    with pytest.raises(CRBLError, match="trainable-from"):
+        freeze_backbones(small_model, "crop", trainable_from=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretrained backbone weights
+# ---------------------------------------------------------------------------------------------
+
+def test_pretrained_offline_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv(mp.WEIGHTS_DIR_ENV, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    with pytest.raises(CRBLError) as err:
+        mp.EfficientNetB0FeatureExtractor(weights="noisy-student")
+    msg = str(err.value)
+    assert "tf_efficientnet_b0.ns_jft_in1k" in msg and "--weights-dir" in msg and "\n" not in msg
+
+
+def test_pretrained_from_local_dir_is_exact(tmp_path):
+    torch.manual_seed(5)
+    source = mp.EfficientNetB0FeatureExtractor()
+    state = {k: v for k, v in source.body.state_dict().items()}
+    state["classifier.weight"] = torch.zeros(1000, 1280)  # hub files carry the ImageNet classifier
+    torch.save(state, tmp_path / "tf_efficientnet_b0.aa_in1k.pth")
+    loaded = mp.EfficientNetB0FeatureExtractor(weights="imagenet", weights_dir=tmp_path)
+    for k, v in source.body.state_dict().items():
+        assert torch.equal(loaded.body.state_dict()[k], v)
+    # never the other weights silently: noisy-student is not in that folder
+    with pytest.raises(CRBLError):
+        mp.EfficientNetB0FeatureExtractor(weights="noisy-student", weights_dir=tmp_path)
+
+
+def test_pretrained_file_that_does_not_fit(tmp_path):
+    torch.save({"conv_stem.weight": torch.zeros(8, 3, 3, 3)}, tmp_path / "w.pth")
+    with pytest.raises(CRBLError, match="do not fit"):
+        mp.EfficientNetB0FeatureExtractor(weights=str(tmp_path / "w.pth"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices: every branch of get_device, DirectML through an injected fake module
+# ---------------------------------------------------------------------------------------------
+
+def _fake_directml(count=1, broken_op=False):
+    mod = types.ModuleType("torch_directml")
+    mod.device_count = lambda: count
+    mod.device = lambda i=0: torch.device("cpu")  # stands in for privateuseone:i
+    mod.device_name = lambda i=0: f"Fake Radeon {i}"
+    if broken_op:
+        mod.device = lambda i=0: torch.device("meta")  # ops "succeed" but nothing comes back
+    return mod
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def _install_directml(monkeypatch, module=None, import_error=None):
+    if import_error is not None:
+        import builtins
+        real_import = builtins.__import__
+
+        def fake_import(name, *args, **kwargs):
+            if name == "torch_directml":
+                raise import_error
+            return real_import(name, *args, **kwargs)
+        monkeypatch.delitem(sys.modules, "torch_directml", raising=False)
+        monkeypatch.setattr(builtins, "__import__", fake_import)
+    else:
+        monkeypatch.setitem(sys.modules, "torch_directml", module)
+
+
+def test_auto_prefers_directml(monkeypatch, no_cuda):
+    _install_directml(monkeypatch, _fake_directml())
+    info = get_device("auto")
+    assert info.kind == "dml" and info.name == "Fake Radeon 0"
+
+
+@pytest.mark.parametrize("error", [ImportError("no module"), OSError("DirectML.dll not found"),
+                                   RuntimeError("torch 2.5 is not supported"), Exception("odd")])
+def test_auto_falls_back_when_directml_import_fails(monkeypatch, no_cuda, error):
+    _install_directml(monkeypatch, import_error=error)
+    info = get_device("auto")
+    assert info.kind == "cpu"
+    assert any(type(error).__name__ in note for note in info.notes)
+
+
+def test_explicit_directml_unavailable_is_an_error(monkeypatch, no_cuda):
+    _install_directml(monkeypatch, import_error=OSError("DirectML.dll not found"))
+    with pytest.raises(CRBLError, match="'dml' is not usable.*DirectML.dll"):
+        get_device("dml")
+
+
+def test_directml_index_out_of_range(monkeypatch):
+    _install_directml(monkeypatch, _fake_directml(count=1))
+    with pytest.raises(CRBLError, match="device 1 requested, 1 available"):
+        get_device("dml:1")
+    assert get_device("dml:0").kind == "dml"
+
+
+def test_directml_broken_device_fails_smoke_test(monkeypatch, no_cuda):
+    _install_directml(monkeypatch, _fake_directml(broken_op=True))
+    with pytest.raises(CRBLError, match="not usable"):
+        get_device("dml")
+    assert get_device("auto").kind == "cpu"  # auto moves on
+
+
+def _fake_cuda(monkeypatch, hip=None, count=1):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Fake GPU")
+    monkeypatch.setattr(torch.version, "hip", hip)
+    monkeypatch.setattr(mp, "_smoke_test", lambda device: None)  # no real CUDA here
+
+
+@pytest.mark.parametrize("hip,kind", [(None, "cuda"), ("6.2.4", "rocm")])
+def test_cuda_and_rocm(monkeypatch, hip, kind):
+    _install_directml(monkeypatch, import_error=ImportError("no module"))
+    _fake_cuda(monkeypatch, hip=hip)
+    assert get_device("auto").kind == kind
+    assert get_device("cuda").device == torch.device("cuda", 0)
+    with pytest.raises(CRBLError, match="GPU 3 requested"):
+        get_device("cuda:3")
+
+
+def test_rocm_scripts_skip_directml(monkeypatch):
+    _install_directml(monkeypatch, _fake_directml())
+    _fake_cuda(monkeypatch, hip="6.2.4")
+    assert get_device("auto", auto_order=("cuda", "cpu")).kind == "rocm"
+
+
+def test_explicit_cuda_without_gpu(monkeypatch, no_cuda):
+    with pytest.raises(CRBLError, match="'cuda' is not usable"):
+        get_device("cuda")
+
+
+@pytest.mark.parametrize("bad", ["gpu", "cuda:x", "tpu:0"])
+def test_unknown_device_names(bad):
+    with pytest.raises(CRBLError, match="device"):
+        get_device(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def test_checkpoint_roundtrip_rebuilds_from_file_alone(small_model, tmp_path):
+    config = CRBLConfig(image_size=64, mean=(0.1, 0.2, 0.3), std=(0.5, 0.6, 0.7), normalization="keras")
+    model = CRBLModel(config).eval()
+    path = tmp_path / "m.pth"
+    save_checkpoint(path, model, threshold=0.3, threshold_source="best F1", model_type="crop",
+                    provenance={"trained": "test"})
+    loaded = load_model(path)
+    assert not loaded.training
+    assert loaded.config == config
+    assert loaded.meta["threshold"] == 0.3 and loaded.meta["provenance"] == {"trained": "test"}
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    raw = torch.load(path, weights_only=True, map_location="cpu")
+    assert all(v.device.type == "cpu" for v in raw["state_dict"].values())
+
+
+def test_checkpoint_write_is_atomic(small_model, tmp_path, monkeypatch):
+    path = tmp_path / "m.pth"
+    path.write_bytes(b"old")
+
+    def explode(*args, **kwargs):
+        raise KeyboardInterrupt  # interrupted mid-write
+    monkeypatch.setattr(torch, "save", explode)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, small_model)
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pth"]
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(CRBLError, match="not found"):
+        load_model(tmp_path / "missing.pth")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(CRBLError, match="not a CRBL checkpoint"):
+        load_model(tmp_path / "other.pth")
+    future = {"format": mp.CHECKPOINT_FORMAT, "format_version": 99, "config": {}, "state_dict": {}}
+    torch.save(future, tmp_path / "future.pth")
+    with pytest.raises(CRBLError, match="newer"):
+        load_model(tmp_path / "future.pth")
+
+
+def test_config_from_newer_version_is_refused():
+    with pytest.raises(CRBLError, match="unknown fields"):
+        CRBLConfig.from_dict({"image_size": 128, "attention": True})
