@@ -542,14 +542,16 @@ class ClassBalancedBatchSampler(torch.utils.data.Sampler):
 DEMO_DEFECTS = ("scratch", "blob", "stain")
 
 
-def _demo_texture(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A brushed-metal / fabric-like surface: base colour, soft shading, weave, grain."""
+def _demo_texture(rng: np.random.Generator, size: int, material: dict) -> np.ndarray:
+    """A woven / brushed surface of one material (like one MVTec category): the material's
+    colour and weave, with per-image lighting, shading and grain."""
     from PIL import Image
-    base = rng.uniform(90, 170) + rng.uniform(-12, 12, 3)
-    shade = rng.normal(0, 10, (6, 6)).astype(np.float32)
+    base = material["colour"] + rng.uniform(-8, 8)
+    shade = rng.normal(0, 8, (6, 6)).astype(np.float32)
     shade = np.asarray(Image.fromarray(shade).resize((size, size), Image.BICUBIC))
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    angle, period = rng.uniform(0, np.pi), rng.uniform(4, 8) * size / 128
+    angle = material["angle"] + rng.uniform(-0.1, 0.1)
+    period = material["period"] * size / 128
     weave = 6 * np.sin(2 * np.pi * (xx * np.cos(angle) + yy * np.sin(angle)) / period)
     grain = rng.normal(0, 5, (size, size))
     return base[None, None, :] + (shade + weave + grain)[:, :, None]
@@ -591,13 +593,15 @@ def make_demo_dataset(root: str | os.PathLike, train_per_class: int = 48, test_p
     from PIL import Image
     root = Path(root)
     rng = np.random.default_rng(seed)
+    material = {"colour": rng.uniform(100, 160) + rng.uniform(-15, 15, 3),
+                "angle": rng.uniform(0, np.pi), "period": rng.uniform(4, 8)}
     counts = {}
     for split, per_class in (("train", train_per_class), ("test", test_per_class)):
         rows = []
         for label, cls in ((0, "good"), (1, "defect")):
             (root / split / cls).mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
-                img = _demo_texture(rng, size)
+                img = _demo_texture(rng, size, material)
                 name = f"{i:03d}.png"
                 if label:
                     kind = DEMO_DEFECTS[i % len(DEMO_DEFECTS)]
