@@ -262,9 +262,22 @@ class EfficientNetB0FeatureExtractor(nn.Module):
 # Bilinear pooling
 # --------------------------------------------------------------------------------------------
 
-def _chunk_rows(n: int, c: int, budget: int = 1 << 19) -> int:
-    # Rows of phi per chunk so one chunk (n, rows, c) stays around 2 MB: cache-resident math.
-    return max(1, min(c, budget // max(1, n * c)))
+def _chunk(total: int, per_item: int, budget: int = 1 << 19) -> int:
+    """Items per chunk so a chunk holds about `budget` floats (2 MB): math that stays in cache.
+
+    Buffers are allocated once per call and reused: on CPU every fresh large tensor costs page
+    faults (a 32×1280² float tensor ~150 ms to touch), more than the arithmetic itself.
+    """
+    return max(1, min(total, budget // max(1, per_item)))
+
+
+def _signed_sqrt_(chunk: torch.Tensor, sign: torch.Tensor, eps: float) -> torch.Tensor:
+    """chunk := sign(chunk)·sqrt(|chunk| + eps) in place; returns Σ(|chunk| + eps) per row (= Σy²)."""
+    torch.sign(chunk, out=sign)
+    chunk.abs_().add_(eps)
+    sq_norm = chunk.sum(dim=tuple(range(1, chunk.dim())))
+    chunk.sqrt_().mul_(sign)
+    return sq_norm
 
 
 class _SignedSqrtL2Normalize(torch.autograd.Function):
@@ -277,15 +290,13 @@ class _SignedSqrtL2Normalize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, phi: torch.Tensor, eps: float, l2_eps: float) -> torch.Tensor:
         n, d = phi.shape
-        sq_norm = phi.new_zeros(n)
-        step = max(1, (1 << 19) // max(d, 1))  # samples per chunk
+        step = _chunk(n, d)
+        sign = phi.new_empty(step, d)
+        sq_norm = phi.new_empty(n)
         for i in range(0, n, step):
-            chunk = phi[i:i + step]
-            sign = chunk.sign()
-            chunk.abs_().add_(eps)
-            sq_norm[i:i + step] = chunk.sum(dim=1)  # Σ y² = Σ (|phi| + eps): no second pass
-            chunk.sqrt_().mul_(sign)
-        norm = sq_norm.clamp_min(l2_eps).sqrt_()
+            k = min(step, n - i)
+            sq_norm[i:i + k] = _signed_sqrt_(phi[i:i + k], sign[:k], eps)
+        norm = sq_norm.clamp_min_(l2_eps).sqrt_()
         phi.div_(norm[:, None])
         ctx.mark_dirty(phi)
         ctx.save_for_backward(phi, norm)
@@ -294,11 +305,20 @@ class _SignedSqrtL2Normalize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         z, norm = ctx.saved_tensors
-        # dz/dy = (I - z zᵀ)/‖y‖ ; dy/dphi = 1 / (2|y|), |y| = |z|·‖y‖ ; 0 where phi == 0 (as TF).
-        zg = (z * grad).sum(dim=1, keepdim=True)
-        dphi = grad - z * zg
-        denom = z.abs().mul_(2 * norm[:, None] ** 2)
-        dphi = torch.where(denom > 0, dphi / denom.clamp_min(torch.finfo(denom.dtype).tiny), 0.0)
+        # dz/dy = (I - z zᵀ)/‖y‖ ; dy/dphi = 1/(2|y|), |y| = |z|·‖y‖  =>
+        # dphi = (g - z (z·g)) / (2‖y‖²|z|), and 0 where phi == 0 (TF's gradient of sign there).
+        n, d = z.shape
+        dphi = torch.empty_like(z)
+        step = _chunk(n, d)
+        tmp = z.new_empty(step, d)
+        for i in range(0, n, step):
+            k = min(step, n - i)
+            zc, gc, out, t = z[i:i + k], grad[i:i + k], dphi[i:i + k], tmp[:k]
+            zg = torch.mul(zc, gc, out=t).sum(dim=1, keepdim=True)
+            torch.mul(zc, zg, out=out)
+            torch.sub(gc, out, out=out)
+            torch.abs(zc, out=t).mul_(2 * norm[i:i + k, None] ** 2)
+            out.div_(t).masked_fill_(t == 0, 0.0)
         return dphi, None, None
 
 
@@ -333,18 +353,20 @@ class BilinearPooling(nn.Module):
         """
         n, c, h, w = a.shape
         a = a.reshape(n, c, h * w)
-        bt = b.reshape(n, b.shape[1], h * w).transpose(1, 2)
-        w_mat = weight.reshape(c, -1)
-        dot = a.new_zeros(n)
-        sq_norm = a.new_zeros(n)
-        rows = _chunk_rows(n, w_mat.shape[1])
+        # 1/(H·W) folded into the small B matrix: one pass less over the N×C² products.
+        bt = b.reshape(n, b.shape[1], h * w).transpose(1, 2).div(h * w).contiguous()
+        c2 = bt.shape[2]
+        w_mat = weight.reshape(c, c2)
+        rows = _chunk(c, n * c2)
+        buf, sign = a.new_empty(n, rows, c2), a.new_empty(n, rows, c2)
+        dot, sq_norm = a.new_zeros(n), a.new_zeros(n)
         for r in range(0, c, rows):
-            phi = torch.bmm(a[:, r:r + rows], bt).div_(h * w)
-            sign = phi.sign()
-            phi.abs_().add_(self.eps)
-            sq_norm += phi.sum(dim=(1, 2))
-            phi.sqrt_().mul_(sign)
-            dot += (phi * w_mat[r:r + rows]).sum(dim=(1, 2))
+            k = min(rows, c - r)
+            phi, sgn = (buf, sign) if k == rows else (buf[:, :k].contiguous(), sign[:, :k].contiguous())
+            # a contiguous copy of the row slice: MKL's batched GEMM is ~5x slower on the strided view
+            torch.bmm(a[:, r:r + k].contiguous(), bt, out=phi)
+            sq_norm += _signed_sqrt_(phi, sgn, self.eps)
+            dot += phi.reshape(n, -1) @ w_mat[r:r + k].reshape(-1)  # BLAS gemv: no product tensor
         return (dot / sq_norm.clamp_min(self.l2_eps).sqrt())[:, None] + bias
 
 
@@ -373,11 +395,20 @@ class CRBLModel(nn.Module):
         self.pool = BilinearPooling(config.bilinear_eps, config.l2_eps)
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(NUM_FEATURES * NUM_FEATURES, 1)
+        self.channels_last = False
         self.meta: dict[str, Any] = {}
 
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = (x - self.input_mean) / self.input_std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.backbone1(x), self.backbone2(x)
+
+    def set_channels_last(self, enabled: bool = True) -> "CRBLModel":
+        """NHWC convolutions: ~1.3-1.5x faster backbones on CPU and CUDA. Not on DirectML,
+        whose convolutions expect NCHW (it falls back to slow copies)."""
+        self.channels_last = enabled
+        return self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.features(x)
@@ -608,10 +639,17 @@ def model_from_checkpoint(payload: dict, path: str | os.PathLike = "checkpoint")
     return model
 
 
+def place_model(model: CRBLModel, device: str | torch.device) -> CRBLModel:
+    """Move to the device in its fastest memory layout: channels_last except on DirectML."""
+    device = torch.device(device)
+    model = model.to(device)
+    return model.set_channels_last(device.type in ("cpu", "cuda"))
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> CRBLModel:
     """Rebuild a CRBL model from a checkpoint alone, in eval mode, metadata in `model.meta`."""
     model = model_from_checkpoint(load_checkpoint(path), path)
-    return model.to(device).eval()
+    return place_model(model, device).eval()
 
 
 def resolve_threshold(cli_threshold: float | None, meta: dict, model_type: str | None = None
