@@ -1,0 +1,272 @@
+"""train_CRBL_pytorch_directml.py on small synthetic data the tests write (CPU, 32-64 px)."""
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import inference_CRBL_pytorch_directml as inference
+import train_CRBL_pytorch_directml as train_script
+from dataset_pytorch_directml import (ClassBalancedBatchSampler, Sample, TrainDataset,
+                                      make_demo_dataset, verify_images)
+from model_pytorch_directml import CRBLConfig, CRBLError, CRBLModel, load_checkpoint, save_checkpoint
+
+SIZE = 32
+
+
+def train(*args) -> int:
+    return train_script.main([*map(str, args), "--device", "cpu", "--no-progress"])
+
+
+def read_rows(path):
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        return list(csv.DictReader(f))
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([("image_path", "impurity"), *rows])
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """train/{good,defect} 8 + 8 images, test/{good,defect} 4 + 4."""
+    root = tmp_path_factory.mktemp("tiny") / "data"
+    make_demo_dataset(root, train_per_class=8, test_per_class=4, size=48, seed=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def init_checkpoint(tmp_path_factory):
+    """A random CRBL checkpoint with calibrated (non-default) BatchNorm statistics."""
+    torch.manual_seed(0)
+    model = CRBLModel(CRBLConfig(image_size=SIZE))
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in norms:
+        m.momentum = 1.0
+    model.eval()
+    for m in norms:
+        m.train()
+    with torch.no_grad():
+        model.features(torch.rand(16, 3, SIZE, SIZE))
+    path = tmp_path_factory.mktemp("init") / "init.pth"
+    save_checkpoint(path, model.eval())
+    return path
+
+
+@pytest.fixture(scope="module")
+def resume_runs(tiny_data, init_checkpoint, tmp_path_factory):
+    """2 epochs in one run (0 workers), and 1 epoch (2 workers) + resume to 2."""
+    root = tmp_path_factory.mktemp("runs")
+    common = ["--data-dir", tiny_data, "--init", init_checkpoint, "--batch-size", 8]
+    assert train(*common, "--epochs", 2, "--output-dir", root / "full", "--workers", 0) == 0
+    assert train(*common, "--epochs", 1, "--output-dir", root / "part", "--workers", 2) == 0
+    first_epoch = load_checkpoint(root / "part" / "last.pth")
+    assert train("--resume", root / "part", "--epochs", 2) == 0
+    return root / "full", root / "part", first_epoch
+
+
+# --------------------------------------------------------------------------------------------
+# Units: sampler, loss, threshold
+# --------------------------------------------------------------------------------------------
+
+def test_sampler_batches_hold_the_class_ratio():
+    labels = [0] * 10 + [1] * 3
+    for ratio, batch, n0 in ((0.5, 8, 4), (0.25, 8, 2), (0.75, 4, 3)):
+        sampler = ClassBalancedBatchSampler(labels, batch, ratio, seed=7)
+        batches = list(sampler)
+        assert len(batches) == math.ceil(13 / batch) == len(sampler)
+        for b in batches:
+            assert len(b) == batch and sum(labels[i] == 0 for i, _ in b) == n0
+        # each class is a shuffled list used up before it repeats: 10 normals never repeat early
+        zeros = [i for b in batches for i, _ in b if labels[i] == 0]
+        assert len(set(zeros)) == min(len(zeros), 10)
+    sampler = ClassBalancedBatchSampler(labels, 8, 0.5, num_batches=5, seed=7)
+    assert len(list(sampler)) == 5
+    again = ClassBalancedBatchSampler(labels, 8, 0.5, num_batches=5, seed=7)
+    assert list(again) == list(sampler)  # seeded
+    again.set_epoch(1)
+    assert list(again) != list(sampler)  # another epoch, another draw
+
+
+def test_sampler_and_augmentation_do_not_depend_on_workers(tiny_data):
+    from dataset_pytorch_directml import discover_image_folder, train_augmentation
+    samples = discover_image_folder(tiny_data)[0]
+    dataset = TrainDataset(samples, SIZE, train_augmentation(SIZE))
+    results = []
+    for workers in (0, 2):
+        sampler = ClassBalancedBatchSampler([s.label for s in samples], 4, 0.5, seed=3)
+        sampler.set_epoch(2)
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers)
+        results.append([(x.clone(), y.clone()) for x, y in loader])
+    for (x0, y0), (x2, y2) in zip(*results):
+        assert torch.equal(x0, x2) and torch.equal(y0, y2)
+        assert int((y0 == 0).sum()) == 2  # 2 normal + 2 anomalies in each batch of 4
+
+
+def test_loss_is_keras_weighted_smoothed_bce():
+    logits, labels = torch.tensor([0.0, 2.0, -1.0]), torch.tensor([0.0, 1.0, 1.0])
+    w0, w1 = train_script.class_weights_from_prior(0.88)
+    assert (w0, w1) == pytest.approx((0.5682, 4.1667), abs=1e-4)
+    expected = []
+    for z, y in zip(logits.tolist(), labels.tolist()):
+        t = y * (1 - 0.125) + 0.0625
+        p = 1 / (1 + math.exp(-z))
+        expected.append((w1 if y else w0) * -(t * math.log(p) + (1 - t) * math.log(1 - p)))
+    loss = train_script.crbl_loss(logits, labels, 0.125, (w0, w1))
+    assert loss.item() == pytest.approx(sum(expected) / 3, rel=1e-6)  # / batch size, as Keras
+
+
+def test_threshold_rules():
+    labels, scores = [0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]
+    # best F1 cuts at 0.35 (tp 2, fp 1): the midpoint to the next lower score, 0.1
+    assert train_script.choose_threshold(labels, scores, "f1") == pytest.approx(0.225)
+    assert train_script.choose_threshold([0, 0, 1, 1], [0.1, 0.2, 0.7, 0.9], "youden") == pytest.approx(0.45)
+
+
+# --------------------------------------------------------------------------------------------
+# Training runs
+# --------------------------------------------------------------------------------------------
+
+def test_resume_equals_uninterrupted_training(resume_runs):
+    full_dir, part_dir, first_epoch = resume_runs
+    full, resumed = load_checkpoint(full_dir / "last.pth"), load_checkpoint(part_dir / "last.pth")
+    assert full["epoch"] == resumed["epoch"] == 2 and first_epoch["epoch"] == 1
+    for key, value in full["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
+    state_a, state_b = full["optimizer"]["state"], resumed["optimizer"]["state"]
+    assert state_a.keys() == state_b.keys()
+    for i in state_a:
+        assert all(torch.equal(state_a[i][k], state_b[i][k]) for k in state_a[i])
+    assert full["scheduler"] == resumed["scheduler"]
+    assert full["early_stopping"] == resumed["early_stopping"]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(full["history"]) == strip(resumed["history"])
+    assert len(read_rows(part_dir / "history.csv")) == 2
+    # and the second epoch really trained
+    changed = [k for k, v in first_epoch["state_dict"].items() if not torch.equal(v, full["state_dict"][k])]
+    assert "head.weight" in changed
+
+
+def test_crop_freezing_matches_keras_layer_150(resume_runs, init_checkpoint):
+    full_dir, _, _ = resume_runs
+    before = load_checkpoint(init_checkpoint)["state_dict"]
+    after = load_checkpoint(full_dir / "last.pth")["state_dict"]
+    model = CRBLModel(CRBLConfig(image_size=SIZE))
+    counts = train_script.freeze_backbones(model, "crop")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+
+    # Keras layer 150 = block5c_se_expand = timm blocks.4.2.se.conv_expand: from there on
+    # (the rest of blocks.4.2, blocks.5, blocks.6, conv_head, bn2) trains, plus the head.
+    def expected_trainable(name):
+        if name.startswith("head."):
+            return True
+        body = name.split(".body.", 1)[1]
+        return (body.startswith(("blocks.4.2.se.conv_expand.", "blocks.4.2.conv_pwl.", "blocks.4.2.bn3.",
+                                 "blocks.5.", "blocks.6.", "conv_head.", "bn2.")))
+    assert trainable == {n for n, _ in model.named_parameters() if expected_trainable(n)}
+    assert "backbone1.body.blocks.4.2.se.conv_reduce.weight" not in trainable
+    assert counts["trainable"] == sum(p.numel() for n, p in model.named_parameters() if n in trainable)
+
+    for name, value in before.items():
+        module = name.rsplit(".", 1)[0]
+        frozen = not any(n.startswith(module + ".") for n in trainable)
+        if frozen:  # frozen weights and frozen BatchNorm statistics: bit for bit unchanged
+            assert torch.equal(value, after[name]), name
+        elif name.endswith(("weight", "bias")):
+            assert not torch.equal(value, after[name]), name
+    # trainable BatchNorms did update their statistics (they run in training mode)
+    assert not torch.equal(before["backbone1.body.bn2.running_var"], after["backbone1.body.bn2.running_var"])
+    assert torch.equal(before["backbone1.body.blocks.4.2.bn2.running_var"],
+                       after["backbone1.body.blocks.4.2.bn2.running_var"])
+
+
+def test_demo_learns_and_inference_reproduces_validation_scores(tmp_path):
+    out = tmp_path / "demo"
+    assert train("--demo", "--epochs", 2, "--output-dir", out) == 0
+    config = json.loads((out / "train_config.json").read_text())
+    assert config["args"]["image_size"] == 64 and config["args"]["model_type"] == "full"
+    history = read_rows(out / "history.csv")
+    assert len(history) == 2
+    assert float(history[-1]["val_auroc"]) >= 0.9
+    assert float(history[1]["val_loss"]) < float(history[0]["val_loss"])  # still learning
+    assert (out / "curves.png").stat().st_size > 10_000
+
+    best = load_checkpoint(out / "best.pth")
+    assert best["threshold_source"].startswith("validation f1")
+    assert best["config"]["image_size"] == 64 and best["model_type"] == "full"
+    val = {r["image_path"]: r for r in read_rows(out / "val_predictions.csv")}
+    assert len(val) == 48
+
+    preds = tmp_path / "preds.csv"
+    assert inference.main(["--weights", str(out / "best.pth"), "--input", str(out / "data" / "test.csv"),
+                           "--output", str(preds), "--device", "cpu", "--no-progress"]) == 0
+    rows = read_rows(preds)
+    assert {r["image_path"] for r in rows} == set(val)
+    for r in rows:
+        assert float(r["score"]) == pytest.approx(float(val[r["image_path"]]["score"]), abs=1e-5)
+        assert r["prediction"] == val[r["image_path"]]["prediction"]
+    metrics = json.loads(preds.with_name("preds_metrics.json").read_text())
+    assert metrics["threshold"] == pytest.approx(best["threshold"])
+    assert metrics["auroc"] == pytest.approx(float(history[int(best["best"]["epoch"]) - 1]["val_auroc"]), abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: one line, exit status 2, before any training
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def images(tiny_data):
+    return tiny_data / "train"
+
+
+def csv_case(tmp_path, rows):
+    path = tmp_path / "train.csv"
+    write_csv(path, rows)
+    return ["--train-csv", path]
+
+
+@pytest.mark.parametrize("case,message", [
+    ("one_class", "none is anomaly (1)"),
+    ("missing", "train.csv row 3"),
+    ("bad_label", "must be 0 (normal) or 1 (anomaly)"),
+    ("empty_dir", "no images found"),
+    ("loose_images", "lie outside class folders"),
+    ("two_sources", "exactly one data source"),
+])
+def test_bad_input_is_one_line_error(case, message, tmp_path, images, capsys):
+    good = [(f"good/{i:03d}.png", 0) for i in range(4)]
+    bad = [(f"defect/{name}", 1) for name in sorted(p.name for p in (images / "defect").iterdir())[:4]]
+    if case == "one_class":
+        args = csv_case(tmp_path, good) + ["--image-dir", images]
+    elif case == "missing":
+        args = csv_case(tmp_path, [good[0], ("good/nope.png", 0)] + bad) + ["--image-dir", images]
+    elif case == "bad_label":
+        args = csv_case(tmp_path, good + [("defect/x.png", 2)]) + ["--image-dir", images]
+    elif case == "empty_dir":
+        (tmp_path / "empty").mkdir()
+        args = ["--data-dir", tmp_path / "empty"]
+    elif case == "loose_images":
+        (tmp_path / "loose").mkdir()
+        (tmp_path / "loose" / "x.png").write_bytes((images / "good" / "000.png").read_bytes())
+        args = ["--data-dir", tmp_path / "loose"]
+    else:
+        args = ["--demo", "--data-dir", images]
+    assert train(*args, "--output-dir", tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "\n" not in err
+    assert not (tmp_path / "out" / "last.pth").exists()
+
+
+def test_unreadable_images_warn_a_few_refuse_many(tmp_path, images):
+    samples = [Sample(p, p.name, 0) for p in sorted((images / "good").iterdir())]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    kept, bad = verify_images(samples * 3 + [Sample(broken, "broken.png", 1)], "train", progress=False)
+    assert len(kept) == 24 and len(bad) == 1 and "broken.png" in bad[0]
+    with pytest.raises(CRBLError, match="2 of 10 images are unreadable"):
+        verify_images(samples + [Sample(broken, "b1", 1), Sample(broken, "b2", 1)], "train",
+                      progress=False)
