@@ -35,7 +35,8 @@ from torch.utils.data import DataLoader
 
 from dataset_pytorch_directml import (ClassBalancedBatchSampler, TestDataset, TrainDataset,
                                       check_labelled, compute_metrics, discover_image_folder,
-                                      make_demo_dataset, read_manifest, stratified_split,
+                                      make_demo_dataset, preprocess_image, read_manifest,
+                                      stratified_split,
                                       train_augmentation, verify_images, worker_init)
 from model_pytorch_directml import (MODEL_TYPE_THRESHOLDS, PRETRAINED_TAGS, CRBLConfig, CRBLError,
                                     CRBLModel, _find_local_weights, freeze_backbones, get_device,
@@ -247,7 +248,7 @@ def calibrate_batchnorm(model: CRBLModel, samples, args, device, max_images: int
     """
     g = torch.Generator().manual_seed(args.seed)
     subset = [samples[i] for i in torch.randperm(len(samples), generator=g)[:max_images].tolist()]
-    images = torch.stack([TestDataset(subset, args.image_size)[i][0] for i in range(len(subset))])
+    images = torch.stack([preprocess_image(s.path, args.image_size) for s in subset])
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     momenta = [m.momentum for m in norms]
     model.eval()  # no drop-path; only the BatchNorms below collect statistics
@@ -349,14 +350,10 @@ class EarlyStopping:
 # Device helpers
 # --------------------------------------------------------------------------------------------
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    return seed * 1_000_003 + epoch
-
-
 def seed_epoch(seed: int, epoch: int) -> None:
     # Every RNG restarts from (seed, epoch): a run resumed at an epoch boundary continues
     # bit for bit without storing RNG states.
-    value = epoch_seed(seed, epoch)
+    value = seed * 1_000_003 + epoch
     torch.manual_seed(value)
     random.seed(value)
     np.random.seed(value % 2**32)
@@ -586,7 +583,7 @@ def fit(args, model, device, data, resume) -> dict:
         if improved:
             best = {"metric": args.best_metric, "value": value, "epoch": epoch + 1, "row": row}
         state = {"epoch": epoch + 1, "train_args": train_args(args), "history": history,
-                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "optimizer": to_cpu(optimizer.state_dict()), "scheduler": scheduler.state_dict(),
                  "scaler": scaler.state_dict(), "early_stopping": stopper.state_dict(),
                  "best": best, "stopped_early": stop, "metrics": row}
         source = f"validation {args.threshold_rule} ({len(val['labels'])} images, epoch {epoch + 1})"
@@ -605,6 +602,17 @@ def fit(args, model, device, data, resume) -> dict:
                   f"{args.early_stop_patience} epochs")
             break
     return best
+
+
+def to_cpu(obj):
+    """Tensors anywhere in a (nested) state dict, on the CPU: DirectML tensors do not load back."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
 
 
 def epoch_summary(row: dict, improved: bool) -> str:
