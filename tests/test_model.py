@@ -125,17 +125,24 @@ def test_bad_freeze_arguments(small_model):
 # Pretrained backbone weights
 # ---------------------------------------------------------------------------------------------
 
-def test_pretrained_offline_is_a_clear_error(monkeypatch, tmp_path):
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path):
+    """No hub access, fast: huggingface_hub reads HF_HUB_OFFLINE once, at import time."""
+    constants = pytest.importorskip("huggingface_hub.constants")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+
+
+def test_pretrained_offline_is_a_clear_error(monkeypatch, tmp_path, offline_hub):
     monkeypatch.delenv(mp.WEIGHTS_DIR_ENV, raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
     with pytest.raises(CRBLError) as err:
         mp.EfficientNetB0FeatureExtractor(weights="noisy-student")
     msg = str(err.value)
     assert "tf_efficientnet_b0.ns_jft_in1k" in msg and "--weights-dir" in msg and "\n" not in msg
 
 
-def test_pretrained_from_local_dir_is_exact(tmp_path):
+def test_pretrained_from_local_dir_is_exact(tmp_path, offline_hub):
     torch.manual_seed(5)
     source = mp.EfficientNetB0FeatureExtractor()
     state = {k: v for k, v in source.body.state_dict().items()}
