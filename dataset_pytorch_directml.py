@@ -256,6 +256,16 @@ def worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+def auto_workers(device) -> int:
+    """DataLoader processes for `--workers -1`, given get_device()'s DeviceInfo."""
+    cores = os.cpu_count() or 1
+    if device.kind == "cpu":
+        # The model already keeps every core busy: a decoding process only steals from it
+        # (2 cores, 128 px PNGs: 37 img/s without a worker, 32 with one). Few, on many cores.
+        return min(4, cores // 8)
+    return min(4, cores - 1)  # GPU: decode the next batch while the device computes
+
+
 # --------------------------------------------------------------------------------------------
 # Metrics (inference and training validation)
 # --------------------------------------------------------------------------------------------

@@ -34,13 +34,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from dataset_pytorch_directml import (ClassBalancedBatchSampler, TestDataset, TrainDataset,
-                                      check_labelled, compute_metrics, discover_image_folder,
-                                      make_demo_dataset, preprocess_image, read_manifest,
-                                      stratified_split,
-                                      train_augmentation, verify_images, worker_init)
+                                      auto_workers, check_labelled, compute_metrics,
+                                      discover_image_folder, make_demo_dataset, preprocess_image,
+                                      read_manifest, stratified_split, train_augmentation,
+                                      verify_images, worker_init)
 from model_pytorch_directml import (MODEL_TYPE_THRESHOLDS, PRETRAINED_TAGS, CRBLConfig, CRBLError,
                                     CRBLModel, _find_local_weights, freeze_backbones, get_device,
-                                    load_checkpoint, model_from_checkpoint, save_checkpoint)
+                                    load_checkpoint, model_from_checkpoint, place_model,
+                                    save_checkpoint)
 
 # What --demo changes when the flag is not given, so the whole loop runs in minutes on a 2-core
 # CPU: small images, the head alone on fixed backbones (--model-type full), and no class weights,
@@ -116,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto, dml[:N], cuda[:N], rocm or cpu")
     run.add_argument("--amp", action="store_true", help="mixed precision on CUDA/ROCm "
                      "(ignored on DirectML and CPU)")
-    run.add_argument("--workers", type=int, default=2, help="DataLoader processes; results do "
-                     "not depend on it")
+    run.add_argument("--workers", type=int, default=-1, help="DataLoader processes; -1 = auto: "
+                     "min(4, cores - 1) for a GPU, cores // 8 on CPU. Results do not depend on it")
     run.add_argument("--seed", type=int, default=42)
     run.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     return parser
@@ -396,9 +397,8 @@ def forward_logits(model: CRBLModel, x: torch.Tensor, amp: bool) -> torch.Tensor
 
 
 def to_device(x: torch.Tensor, device) -> torch.Tensor:
-    x = x.to(device.device, non_blocking=device.kind in ("cuda", "rocm"))
-    # NHWC convolutions are faster on CUDA and CPU (oneDNN); DirectML rejects them.
-    return x if device.kind == "dml" else x.contiguous(memory_format=torch.channels_last)
+    # The model converts inputs to its memory layout itself (channels_last except on DirectML).
+    return x.to(device.device, non_blocking=device.kind in ("cuda", "rocm"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,7 +503,7 @@ def write_val_predictions(samples, val: dict, threshold: float, out_dir: Path) -
             writer.writerow((sample.image_path, repr(score), int(score >= threshold), sample.label))
 
 
-def write_config(args, model, data, device, freezing, out_dir: Path) -> None:
+def write_config(args, argv, model, data, device, freezing, out_dir: Path) -> None:
     config = {
         "args": train_args(args),
         "model_config": model.config.to_dict(),
@@ -514,7 +514,7 @@ def write_config(args, model, data, device, freezing, out_dir: Path) -> None:
         "freezing": freezing,
         "device": str(device),
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
-        "command": sys.argv,
+        "command": [Path(__file__).name, *argv],
     }
     (out_dir / "train_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
@@ -529,10 +529,13 @@ def train_args(args) -> dict:
 
 def make_loaders(data, args, device) -> tuple[DataLoader, DataLoader, ClassBalancedBatchSampler]:
     transform = None if args.no_augment else train_augmentation(args.image_size)
+    workers = args.workers if args.workers >= 0 else auto_workers(device)
     sampler = ClassBalancedBatchSampler([s.label for s in data["train"]], args.batch_size,
                                         args.class0_ratio, args.steps_per_epoch or None, args.seed)
-    common = dict(num_workers=args.workers, worker_init_fn=worker_init if args.workers else None,
-                  pin_memory=device.kind in ("cuda", "rocm"))
+    # Persistent workers: no process start-up per epoch; they hold no epoch state (the sampler
+    # runs in this process and sends each draw's augmentation seed).
+    common = dict(num_workers=workers, worker_init_fn=worker_init if workers else None,
+                  persistent_workers=workers > 0, pin_memory=device.kind in ("cuda", "rocm"))
     train_loader = DataLoader(TrainDataset(data["train"], args.image_size, transform),
                               batch_sampler=sampler, **common)
     val_loader = DataLoader(TestDataset(data["val"], args.image_size), batch_size=args.batch_size,
@@ -625,6 +628,7 @@ def epoch_summary(row: dict, improved: bool) -> str:
 
 
 def main(argv=None, auto_order: tuple[str, ...] = ("dml", "cuda", "cpu")) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parse_args(argv)
     try:
         resume = resolve_options(args)
@@ -635,16 +639,14 @@ def main(argv=None, auto_order: tuple[str, ...] = ("dml", "cuda", "cpu")) -> int
         demo_init_choice(args)
         data = load_data(args)
         model, freezing = build_model(args, resume)
-        model.to(device.device)
-        if device.kind != "dml":
-            model.to(memory_format=torch.channels_last)
+        model = place_model(model, device.device)
         out_dir = Path(args.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         if args.init == "none" and resume is None:
             used = calibrate_batchnorm(model, data["train"], args, device)
             print(f"--init none: BatchNorm statistics set from {used} training images "
                   "(random weights otherwise make the activations vanish)")
-        write_config(args, model, data, device, freezing, out_dir)
+        write_config(args, argv, model, data, device, freezing, out_dir)
         print(f"device {device}; {len(data['train'])} training / {len(data['val'])} validation "
               f"images ({data['source']}); {args.image_size} px; {freezing['trainable']:,} "
               f"trainable parameters (Keras layers >= {freezing['trainable_from']}); output {out_dir}")

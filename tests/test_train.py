@@ -17,6 +17,16 @@ from model_pytorch_directml import CRBLConfig, CRBLError, CRBLModel, load_checkp
 SIZE = 32
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # OpenMP threads wait for each other at every op: on a shared 2-core box a 2-thread training
+    # step took 15 s where 1 thread took 1.4 s (measured). One thread keeps this file quick.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def train(*args) -> int:
     return train_script.main([*map(str, args), "--device", "cpu", "--no-progress"])
 
