@@ -352,8 +352,8 @@ NORMAL_CLASS_NAMES = ("good", "normal", "ok", "0", "class_0")
 def scan_class_folders(root: str | os.PathLike) -> list[Sample]:
     """Labelled samples of root/<class>/**/image: good/normal/ok/0/class_0 = 0, others = 1.
 
-    image_path is relative to root's parent chain as given (root/<class>/...), so it names the
-    file the way the user sees it. Images lying directly in root have no class and are refused.
+    image_path is relative to root ("<class>/<file>"). Images lying directly in root have no
+    class and are refused.
     """
     root = Path(root)
     if not root.is_dir():

@@ -543,8 +543,8 @@ def make_loaders(data, args, device) -> tuple[DataLoader, DataLoader, ClassBalan
     return train_loader, val_loader, sampler
 
 
-def fit(args, model, device, data, resume) -> dict:
-    """The epoch loop; returns the best epoch's history row."""
+def fit(args, model, device, data, resume) -> tuple[dict, list[dict]]:
+    """The epoch loop; returns the best epoch ({metric, value, epoch}) and the history rows."""
     out_dir = Path(args.output_dir)
     train_loader, val_loader, sampler = make_loaders(data, args, device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -561,13 +561,14 @@ def fit(args, model, device, data, resume) -> dict:
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume.get("scaler") or {})
+        if resume["scaler"]:  # empty when that run had no --amp
+            scaler.load_state_dict(resume["scaler"])
         stopper.load_state_dict(resume["early_stopping"])
         history, best, start = list(resume["history"]), resume["best"], int(resume["epoch"])
         print(f"resumed {resume['path']} after epoch {start}")
         if resume["stopped_early"]:
             print("that run had stopped early; nothing more to train")
-            return best
+            return best, history
     fallback = CpuFallbackNotice(device.kind)
     for epoch in range(start, args.epochs):
         seed_epoch(args.seed, epoch)
@@ -584,7 +585,7 @@ def fit(args, model, device, data, resume) -> dict:
         value = row[args.best_metric]
         improved = best is None or (value < best["value"] if lower_is_better else value > best["value"])
         if improved:
-            best = {"metric": args.best_metric, "value": value, "epoch": epoch + 1, "row": row}
+            best = {"metric": args.best_metric, "value": value, "epoch": epoch + 1}
         state = {"epoch": epoch + 1, "train_args": train_args(args), "history": history,
                  "optimizer": to_cpu(optimizer.state_dict()), "scheduler": scheduler.state_dict(),
                  "scaler": scaler.state_dict(), "early_stopping": stopper.state_dict(),
@@ -604,7 +605,7 @@ def fit(args, model, device, data, resume) -> dict:
             print(f"early stopping: val_loss has not improved by {args.min_delta} for "
                   f"{args.early_stop_patience} epochs")
             break
-    return best
+    return best, history
 
 
 def to_cpu(obj):
@@ -651,10 +652,11 @@ def main(argv=None, auto_order: tuple[str, ...] = ("dml", "cuda", "cpu")) -> int
               f"images ({data['source']}); {args.image_size} px; {freezing['trainable']:,} "
               f"trainable parameters (Keras layers >= {freezing['trainable_from']}); output {out_dir}")
         started = time.perf_counter()
-        best = fit(args, model, device, data, resume)
+        best, history = fit(args, model, device, data, resume)
+        best_row = history[best["epoch"] - 1]
         print(f"done in {time.perf_counter() - started:.0f} s; best {best['metric']} "
               f"{best['value']:.4f} at epoch {best['epoch']} (val AUROC "
-              f"{best['row']['val_auroc']:.4f}, threshold {best['row']['threshold']:.4g}): "
+              f"{best_row['val_auroc']:.4f}, threshold {best_row['threshold']:.4g}): "
               f"{out_dir / 'best.pth'}")
         return 0
     except CRBLError as exc:

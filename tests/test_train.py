@@ -224,6 +224,20 @@ def test_demo_learns_and_inference_reproduces_validation_scores(tmp_path):
     assert metrics["auroc"] == pytest.approx(float(history[int(best["best"]["epoch"]) - 1]["val_auroc"]), abs=1e-6)
 
 
+def test_csv_without_validation_set_is_split_stratified(tiny_data, tmp_path):
+    out = tmp_path / "csv"
+    assert train("--train-csv", tiny_data / "train.csv", "--init", "none", "--image-size", SIZE,
+                 "--model-type", "full", "--epochs", 1, "--batch-size", 4, "--output-dir", out) == 0
+    data = json.loads((out / "train_config.json").read_text())["data"]
+    # 16 images, 8 anomalies: --val-split 0.2 holds out 4, half of them anomalies
+    assert (data["train_images"], data["train_anomalies"]) == (12, 6)
+    assert (data["val_images"], data["val_anomalies"]) == (4, 2)
+    val = read_rows(out / "val_predictions.csv")
+    assert sorted(r["label"] for r in val) == ["0", "0", "1", "1"]
+    assert all(r["image_path"].startswith("train/") for r in val)
+    assert len(read_rows(out / "history.csv")) == 1
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input: one line, exit status 2, before any training
 # --------------------------------------------------------------------------------------------
@@ -269,6 +283,30 @@ def test_bad_input_is_one_line_error(case, message, tmp_path, images, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and message in err and "\n" not in err
     assert not (tmp_path / "out" / "last.pth").exists()
+
+
+def test_folder_layouts(tmp_path, images):
+    from dataset_pytorch_directml import discover_image_folder
+    png = (images / "good" / "000.png").read_bytes()
+
+    def put(*names):
+        for name in names:
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name).write_bytes(png)
+    # MVTec AD: train/ has only good images, so train/ and test/ are pooled; masks are ignored
+    put("mvtec/train/good/0.png", "mvtec/train/good/1.png", "mvtec/test/good/2.png",
+        "mvtec/test/scratch/3.png", "mvtec/test/hole/4.png", "mvtec/ground_truth/scratch/3_mask.png")
+    train, val, how = discover_image_folder(tmp_path / "mvtec")
+    assert val is None and "MVTec" in how
+    assert {(s.image_path, s.label) for s in train} == {
+        ("train/good/0.png", 0), ("train/good/1.png", 0), ("test/good/2.png", 0),
+        ("test/scratch/3.png", 1), ("test/hole/4.png", 1)}
+    # class folders: normal names in any case, every other folder is an anomaly
+    put("classes/OK/a.png", "classes/Normal/b.png", "classes/class_0/c.png", "classes/0/d.png",
+        "classes/dent/e.png", "classes/1/f.png")
+    train, val, _ = discover_image_folder(tmp_path / "classes")
+    assert val is None and sorted(s.label for s in train) == [0, 0, 0, 0, 1, 1]
+    assert {s.image_path: s.label for s in train}["dent/e.png"] == 1
 
 
 def test_unreadable_images_warn_a_few_refuse_many(tmp_path, images):
