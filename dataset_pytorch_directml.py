@@ -511,7 +511,7 @@ class ClassBalancedBatchSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, labels: Sequence[int], batch_size: int, class0_ratio: float = 0.5,
-                 num_batches: int | None = None, seed: int = 0):
+                 num_batches: int | None = None, seed: int = 0, rank: int = 0, world_size: int = 1):
         if not 0.0 <= class0_ratio <= 1.0:
             raise CRBLError(f"--class0-ratio must be within [0, 1], got {class0_ratio}")
         labels = np.asarray(labels)
@@ -519,10 +519,14 @@ class ClassBalancedBatchSampler(torch.utils.data.Sampler):
         self.n0 = int(round(batch_size * class0_ratio))
         self.per_class = (self.n0, batch_size - self.n0)
         for c, need in enumerate(self.per_class):
-            if need and not len(self.class_indices[c]):
-                raise CRBLError(f"--class0-ratio {class0_ratio} needs class {c} images, there are none")
+            if need and len(self.class_indices[c]) < world_size:  # each process needs its own
+                raise CRBLError(f"--class0-ratio {class0_ratio} needs class {c} images: "
+                                f"{world_size} process(es) need at least {world_size}, there are "
+                                f"{len(self.class_indices[c]) or 'none'}")
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
-        self.num_batches = num_batches or math.ceil(len(labels) / batch_size)
+        self.rank, self.world_size = rank, world_size
+        # With several processes (DDP) an epoch still covers the data about once in total.
+        self.num_batches = num_batches or math.ceil(len(labels) / (batch_size * world_size))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -532,7 +536,14 @@ class ClassBalancedBatchSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        streams = [self._stream(idx, g) for idx in self.class_indices]
+        indices = self.class_indices
+        if self.world_size > 1:
+            # Every rank draws the same permutation of each class and keeps its own slice: the
+            # shares are disjoint and each is class-balanced; then each rank draws on its own.
+            indices = [idx[torch.randperm(len(idx), generator=g).numpy()][self.rank::self.world_size]
+                       for idx in indices]
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_009 + self.rank)
+        streams = [self._stream(idx, g) for idx in indices]
         for _ in range(self.num_batches):
             batch = [next(streams[c]) for c in (0, 1) for _ in range(self.per_class[c])]
             seeds = torch.randint(0, 2**62, (len(batch),), generator=g).tolist()

@@ -412,6 +412,12 @@ class CRBLModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.features(x)
+        if a.is_cuda:  # under --amp: bilinear sums 1280² products per image, float16 overflows
+            with torch.autocast("cuda", enabled=False):
+                return self._logits(a.float(), b.float())
+        return self._logits(a, b)
+
+    def _logits(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if not self.training and not torch.is_grad_enabled():
             return self.pool.linear(a, b, self.head.weight, self.head.bias)
         return self.head(self.dropout(self.pool(a, b)))

@@ -4,6 +4,7 @@
     python train_CRBL_pytorch_directml.py --train-csv train_CRBL.csv --val-csv test_CRBL.csv --image-dir images --init imagenet --weights-dir weights
     python train_CRBL_pytorch_directml.py --data-dir mvtec/bottle --output-dir runs/bottle --device dml
     python train_CRBL_pytorch_directml.py --resume runs/bottle --epochs 40
+    torchrun --nproc_per_node 2 train_CRBL_pytorch_directml.py --data-dir mvtec/bottle --device cuda
 
 Defaults reproduce the original Keras recipe (../shared/ORIGINAL_MODEL.md): 128 px, batch 32 with
 half normal images, class-weighted BCE (c0 = 0.88) with label smoothing 0.125, Adam 1e-4 with
@@ -351,6 +352,43 @@ class EarlyStopping:
 # Device helpers
 # --------------------------------------------------------------------------------------------
 
+def init_distributed(args, auto_order) -> tuple:
+    """(device, rank, world size). Under torchrun (WORLD_SIZE > 1) every process trains on its
+    own share of each batch with DistributedDataParallel: NCCL on CUDA/ROCm, gloo on the CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return get_device(args.device, auto_order), 0, 1
+    import torch.distributed as dist
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = get_device(args.device, auto_order)
+    if device.kind == "dml":
+        raise CRBLError("DirectML has no collective-communication backend: run one process, or "
+                        "use torchrun with --device cuda (CUDA/ROCm) or --device cpu")
+    if args.demo:
+        raise CRBLError("--demo runs in one process; start it without torchrun")
+    if device.kind in ("cuda", "rocm"):
+        device = get_device(f"cuda:{local_rank}", auto_order)
+        torch.cuda.set_device(device.device)
+    dist.init_process_group("nccl" if device.kind in ("cuda", "rocm") else "gloo")
+    if rank != 0:  # one voice: only rank 0 prints, shows progress and writes files
+        args.no_progress = True
+        import builtins
+        builtins.print = lambda *a, **k: None
+    return device, rank, world
+
+
+def gather_epoch(result: dict, world: int) -> dict:
+    """Training loss, labels and scores of all processes (each trained on its own share)."""
+    if world == 1:
+        return result
+    import torch.distributed as dist
+    parts = [None] * world
+    dist.all_gather_object(parts, (result["loss"] * len(result["labels"]), result["labels"], result["scores"]))
+    labels = [y for _, ys, _ in parts for y in ys]
+    return {"loss": sum(t for t, _, _ in parts) / len(labels), "labels": labels,
+            "scores": [x for _, _, xs in parts for x in xs]}
+
+
 def seed_epoch(seed: int, epoch: int) -> None:
     # Every RNG restarts from (seed, epoch): a run resumed at an epoch boundary continues
     # bit for bit without storing RNG states.
@@ -387,13 +425,10 @@ class CpuFallbackNotice:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
-def forward_logits(model: CRBLModel, x: torch.Tensor, amp: bool) -> torch.Tensor:
-    if not amp:
+def forward_logits(model, x: torch.Tensor, amp: bool) -> torch.Tensor:
+    # CRBLModel keeps its bilinear head in float32 under autocast itself.
+    with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
         return model(x)
-    with torch.autocast(device_type="cuda", dtype=torch.float16):
-        a, b = model.features(x)
-    # Bilinear pooling sums 1280² terms per image: float16 would overflow, so it stays float32.
-    return model.head(model.dropout(model.pool(a.float(), b.float())))
 
 
 def to_device(x: torch.Tensor, device) -> torch.Tensor:
@@ -527,11 +562,13 @@ def train_args(args) -> dict:
 # main
 # --------------------------------------------------------------------------------------------
 
-def make_loaders(data, args, device) -> tuple[DataLoader, DataLoader, ClassBalancedBatchSampler]:
+def make_loaders(data, args, device, rank: int = 0, world: int = 1
+                 ) -> tuple[DataLoader, DataLoader, ClassBalancedBatchSampler]:
     transform = None if args.no_augment else train_augmentation(args.image_size)
     workers = args.workers if args.workers >= 0 else auto_workers(device)
     sampler = ClassBalancedBatchSampler([s.label for s in data["train"]], args.batch_size,
-                                        args.class0_ratio, args.steps_per_epoch or None, args.seed)
+                                        args.class0_ratio, args.steps_per_epoch or None, args.seed,
+                                        rank=rank, world_size=world)
     # Persistent workers: no process start-up per epoch; they hold no epoch state (the sampler
     # runs in this process and sends each draw's augmentation seed).
     common = dict(num_workers=workers, worker_init_fn=worker_init if workers else None,
@@ -543,10 +580,18 @@ def make_loaders(data, args, device) -> tuple[DataLoader, DataLoader, ClassBalan
     return train_loader, val_loader, sampler
 
 
-def fit(args, model, device, data, resume) -> tuple[dict, list[dict]]:
-    """The epoch loop; returns the best epoch ({metric, value, epoch}) and the history rows."""
+def fit(args, model, device, data, resume, rank: int = 0, world: int = 1) -> tuple[dict, list[dict]]:
+    """The epoch loop; returns the best epoch ({metric, value, epoch}) and the history rows.
+
+    With several processes, every one validates the whole validation set (same weights, same
+    scores), so the scheduler and early stopping decide alike everywhere without messages.
+    """
     out_dir = Path(args.output_dir)
-    train_loader, val_loader, sampler = make_loaders(data, args, device)
+    train_loader, val_loader, sampler = make_loaders(data, args, device, rank, world)
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        net = DistributedDataParallel(model, device_ids=[device.device.index] if device.kind in ("cuda", "rocm") else None)
     params = [p for p in model.parameters() if p.requires_grad]
     # Keras >= 2.11 optimizers apply weight_decay decoupled from the gradient: torch's AdamW.
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -571,11 +616,12 @@ def fit(args, model, device, data, resume) -> tuple[dict, list[dict]]:
             return best, history
     fallback = CpuFallbackNotice(device.kind)
     for epoch in range(start, args.epochs):
-        seed_epoch(args.seed, epoch)
+        seed_epoch(args.seed + 1_000 * rank, epoch)  # own dropout masks per process
         sampler.set_epoch(epoch)
         started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        train = train_one_epoch(model, train_loader, optimizer, scaler, device, args, epoch, fallback)
+        train = gather_epoch(train_one_epoch(net, train_loader, optimizer, scaler, device, args,
+                                             epoch, fallback), world)
         val = validate(model, val_loader, device, args, epoch)
         threshold = choose_threshold(val["labels"], val["scores"], args.threshold_rule)
         row = epoch_row(epoch, lr, train, val, threshold, time.perf_counter() - started)
@@ -594,12 +640,13 @@ def fit(args, model, device, data, resume) -> tuple[dict, list[dict]]:
         save = dict(threshold=threshold, threshold_source=source, model_type=args.model_type,
                     provenance={"script": Path(__file__).name, "init": args.init,
                                 "data": data["source"]}, **state)
-        save_checkpoint(out_dir / "last.pth", model, **save)
-        if improved:
-            save_checkpoint(out_dir / "best.pth", model, **save)
-            write_val_predictions(data["val"], val, threshold, out_dir)
-        write_history(history, out_dir)
-        plot_curves(history, out_dir)
+        if rank == 0:
+            save_checkpoint(out_dir / "last.pth", model, **save)
+            if improved:
+                save_checkpoint(out_dir / "best.pth", model, **save)
+                write_val_predictions(data["val"], val, threshold, out_dir)
+            write_history(history, out_dir)
+            plot_curves(history, out_dir)
         print(epoch_summary(row, improved))
         if stop:
             print(f"early stopping: val_loss has not improved by {args.min_delta} for "
@@ -633,7 +680,7 @@ def main(argv=None, auto_order: tuple[str, ...] = ("dml", "cuda", "cpu")) -> int
     args = parse_args(argv)
     try:
         resume = resolve_options(args)
-        device = get_device(args.device, auto_order)
+        device, rank, world = init_distributed(args, auto_order)
         if args.amp and device.kind not in ("cuda", "rocm"):
             print(f"note: --amp ignored on {device.kind} (autocast needs CUDA/ROCm); float32")
             args.amp = False
@@ -647,12 +694,16 @@ def main(argv=None, auto_order: tuple[str, ...] = ("dml", "cuda", "cpu")) -> int
             used = calibrate_batchnorm(model, data["train"], args, device)
             print(f"--init none: BatchNorm statistics set from {used} training images "
                   "(random weights otherwise make the activations vanish)")
-        write_config(args, argv, model, data, device, freezing, out_dir)
+        if rank == 0:
+            write_config(args, argv, model, data, device, freezing, out_dir)
         print(f"device {device}; {len(data['train'])} training / {len(data['val'])} validation "
               f"images ({data['source']}); {args.image_size} px; {freezing['trainable']:,} "
-              f"trainable parameters (Keras layers >= {freezing['trainable_from']}); output {out_dir}")
+              f"trainable parameters (Keras layers >= {freezing['trainable_from']}); output {out_dir}"
+              + (f"; {world} processes (DistributedDataParallel), batch {args.batch_size} each" if world > 1 else ""))
         started = time.perf_counter()
-        best, history = fit(args, model, device, data, resume)
+        best, history = fit(args, model, device, data, resume, rank, world)
+        if world > 1:
+            torch.distributed.destroy_process_group()
         best_row = history[best["epoch"] - 1]
         print(f"done in {time.perf_counter() - started:.0f} s; best {best['metric']} "
               f"{best['value']:.4f} at epoch {best['epoch']} (val AUROC "
