@@ -195,7 +195,9 @@ def report_metrics(samples, scores, threshold, threshold_source, args) -> None:
     json_path = prefix.with_name(prefix.name + "_metrics.json")
     json_path.write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     plots = save_metric_plots(labels, probs, threshold, prefix)
-    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+
+    def fmt(value):
+        return "n/a" if value is None else f"{value:.4f}"  # AUROC/AP need both classes
     (tn, fp), (fn, tp) = metrics["confusion_matrix"]
     print(f"metrics on {metrics['n']} labelled images ({metrics['positives']} anomalies): "
           f"accuracy {fmt(metrics['accuracy'])}, precision {fmt(metrics['precision'])}, "
