@@ -3,6 +3,7 @@
     python convert_h5_to_pth.py crbl_crop.weights.h5 crbl_crop.pth --model-type crop
     python convert_h5_to_pth.py model_full.h5 crbl_full.pth --model-type full --image-size 128
     python convert_h5_to_pth.py apps_model.h5 out.pth --input-scale 255   # fed raw 0-255 pixels
+    python convert_h5_to_pth.py crbl_crop.weights.h5 crbl_crop.pth --export-onnx crbl_crop.onnx
 
 The file is read with h5py only: TensorFlow is not needed, and no Keras code (the Lambda layer of
 a full-model file) is ever executed. All four Keras layouts are detected by themselves:
@@ -23,7 +24,8 @@ import numpy as np
 
 from model_pytorch_directml import (IMAGENET_STD, MODEL_TYPE_THRESHOLDS, NUM_FEATURES,
                                     WEIGHTED_KERAS_CLASSES, CRBLConfig, CRBLError, CRBLModel,
-                                    keras_layer_table, save_checkpoint)
+                                    export_onnx, keras_layer_table, load_model,
+                                    require_onnxruntime, save_checkpoint)
 
 # Variables of each weighted Keras layer class, in `trainable + non_trainable` creation order.
 KERAS_VARS = {
@@ -432,6 +434,11 @@ def parse_args(argv=None):
                    help="keras.applications only: whether the backbone has the extra 1/sqrt(std) Rescaling "
                         "of weights='imagenet' on Keras >= 2.9; auto = from model_config, else from the "
                         "Normalization values")
+    g = p.add_argument_group("ONNX export (needs onnxruntime)")
+    g.add_argument("--export-onnx", metavar="PATH", default=None,
+                   help="also write the converted model as ONNX (dynamic batch, input RGB in [0,1]), "
+                        "checked with onnxruntime against PyTorch")
+    g.add_argument("--onnx-opset", type=int, default=17, help="ONNX opset of --export-onnx")
     return p.parse_args(argv)
 
 
@@ -440,8 +447,13 @@ def main(argv=None) -> int:
     try:
         if args.image_size is not None and args.image_size < 32:
             raise CRBLError(f"--image-size {args.image_size} is too small; EfficientNetB0 needs >= 32")
+        if args.export_onnx:
+            require_onnxruntime()  # before converting, not after
         report = convert(args.src, args.dst, args.image_size, args.input_scale, args.model_type,
                          args.std_rescaling)
+        # From the written .pth: the ONNX file is what a user reloading the checkpoint would get.
+        onnx_report = export_onnx(load_model(args.dst), args.export_onnx,
+                                  opset=args.onnx_opset) if args.export_onnx else None
     except CRBLError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -453,6 +465,11 @@ def main(argv=None) -> int:
     for note in report["notes"]:
         print(f"note:       {note}")
     print(f"wrote {args.dst}")
+    if onnx_report:
+        print(f"wrote {onnx_report['path']} (opset {onnx_report['opset']}, dynamic batch); "
+              f"onnxruntime {onnx_report['onnxruntime']} vs PyTorch at batch "
+              f"{'/'.join(map(str, onnx_report['batch_sizes']))}: max |Δprob| "
+              f"{onnx_report['max_abs_prob_diff']:.1e}")
     return 0
 
 

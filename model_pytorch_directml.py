@@ -669,3 +669,103 @@ def resolve_threshold(cli_threshold: float | None, meta: dict, model_type: str |
     if meta.get("threshold") is not None:
         return float(meta["threshold"]), f"checkpoint ({meta.get('threshold_source') or 'stored'})"
     return 0.5, "default 0.5"
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX export
+# --------------------------------------------------------------------------------------------
+
+ONNX_TOLERANCE = 1e-4  # max |Δprob| between onnxruntime and PyTorch accepted after an export
+
+
+class _OnnxCRBL(nn.Module):
+    """CRBL inference in plain ops: the fused head's out= buffers and the training head's
+    custom autograd.Function have no ONNX form. Outputs logits and probabilities, (N,1) each."""
+
+    def __init__(self, model: CRBLModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.model
+        a, b = m.features(images)
+        c, h, w = a.shape[1:]  # static; -1 keeps the batch axis dynamic in the graph
+        phi = torch.bmm(a.reshape(-1, c, h * w), b.reshape(-1, c, h * w).transpose(1, 2))
+        phi = (phi / (h * w)).reshape(-1, c * c)
+        magnitude = phi.abs() + m.pool.eps
+        y = torch.sign(phi) * torch.sqrt(magnitude)  # Σy² = Σ(|phi| + eps): no y*y tensor
+        norm = torch.sqrt(torch.clamp(magnitude.sum(1, keepdim=True), min=m.pool.l2_eps))
+        logits = (y @ m.head.weight.t()) / norm + m.head.bias
+        return logits, torch.sigmoid(logits)
+
+
+def _smooth_images(n: int, size: int, seed: int) -> torch.Tensor:
+    """Random smooth RGB images in [0,1] for the export check. Not pixel noise: far from what a
+    model was trained on, it drove a test model's features to 2e4, where float32 rounding alone
+    moved probabilities by 1e-3 (float64 PyTorch disagreed with float32 PyTorch as much as
+    onnxruntime did), so the check would fail on good exports."""
+    coarse = torch.rand(n, 3, 6, 6, generator=torch.Generator().manual_seed(seed))
+    return F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def require_onnxruntime():
+    """The onnxruntime module, or a CRBLError saying how to install it (an optional extra)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise CRBLError("ONNX export needs onnxruntime to verify the file: pip install onnxruntime "
+                        "(or onnxruntime-directml on Windows); it is an optional extra, not in "
+                        "requirements_directml.txt") from None
+    return onnxruntime
+
+
+def export_onnx(model: CRBLModel, path: str | os.PathLike, opset: int = 17,
+                image_size: int | None = None, batch_sizes: tuple[int, ...] = (1, 3)) -> dict:
+    """Write model as ONNX (input `images` (N,3,S,S) RGB in [0,1]; outputs `logits`, `probs`;
+    N dynamic) and check it with onnxruntime on CPU against PyTorch at `batch_sizes`.
+
+    The file appears only after it passed (max |Δprob| <= ONNX_TOLERANCE). Returns a report.
+    Uses the TorchScript exporter (dynamo=False): it needs no onnxscript and works on torch
+    2.4.1, the version torch-directml pins.
+    """
+    import copy
+    import inspect
+    import warnings
+    ort = require_onnxruntime()
+    size = int(image_size or model.config.image_size)
+    # A CPU float32 NCHW copy: the caller's model (device, layout, mode) stays as it was.
+    # eval() on the wrapper too: the exporter restores the wrapper's mode afterwards, recursively,
+    # and a fresh Module is in training mode (BatchNorm on batch statistics, dropout on).
+    wrapper = _OnnxCRBL(copy.deepcopy(model).cpu().float().set_channels_last(False)).eval()
+    example = _smooth_images(2, size, seed=0)
+    kwargs = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # legacy-exporter deprecation and tracer notices
+            torch.onnx.export(wrapper, (example,), str(tmp), opset_version=opset,
+                              input_names=["images"], output_names=["logits", "probs"],
+                              dynamic_axes={k: {0: "batch"} for k in ("images", "logits", "probs")},
+                              **kwargs)
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        max_diff = 0.0
+        for n in batch_sizes:
+            x = _smooth_images(n, size, seed=n)
+            with torch.no_grad():  # the model's own (fused) inference path is the reference
+                expected = torch.sigmoid(wrapper.model(x)).numpy()
+            got = session.run(["probs"], {"images": x.numpy()})[0]
+            if got.shape != expected.shape:
+                raise CRBLError(f"ONNX export check failed: batch {n} gave shape {got.shape}, "
+                                f"expected {expected.shape}")
+            max_diff = max(max_diff, float(abs(got - expected).max()))
+        if max_diff > ONNX_TOLERANCE:
+            raise CRBLError(f"ONNX export check failed: onnxruntime differs from PyTorch by "
+                            f"{max_diff:.2e} (> {ONNX_TOLERANCE:g}) in probability; not written")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"path": str(path), "opset": opset, "image_size": size, "batch_sizes": list(batch_sizes),
+            "max_abs_prob_diff": max_diff, "onnxruntime": ort.__version__,
+            "bytes": path.stat().st_size}
