@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from dataset_pytorch_directml import (IMAGE_EXTENSIONS, Sample, TestDataset, compute_metrics,
-                                      read_manifest, save_metric_plots, scan_folder, worker_init)
+from dataset_pytorch_directml import (IMAGE_EXTENSIONS, Sample, TestDataset, auto_workers,
+                                      compute_metrics, read_manifest, save_metric_plots,
+                                      scan_folder, worker_init)
 from model_pytorch_directml import (MODEL_TYPE_THRESHOLDS, CRBLError, get_device, load_model,
                                     resolve_threshold)
 
@@ -116,24 +117,11 @@ def prepare_model(model, device, fp16: bool) -> str | None:
 
 
 def forward_logits(model, x: torch.Tensor, half_mode: str | None) -> torch.Tensor:
-    if half_mode is None:
+    # CRBLModel runs its bilinear head in float32 whatever the backbones ran in.
+    if half_mode == "half":
+        x = x.half()
+    with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=half_mode == "autocast"):
         return model(x)
-    if half_mode == "autocast":
-        with torch.autocast(device_type="cuda", dtype=torch.float16):
-            a, b = model.features(x)
-    else:
-        a, b = model.features(x.half())
-    # Bilinear pooling sums 1280² terms per image: float16 would overflow, so it stays float32.
-    return model.pool.linear(a.float(), b.float(), model.head.weight, model.head.bias)
-
-
-def auto_workers(device) -> int:
-    cores = os.cpu_count() or 1
-    if device.kind == "cpu":
-        # The model already keeps every core busy: a decoding process only steals from it
-        # (2 cores, 128 px PNGs: 37 img/s without a worker, 32 with one). Few, on many cores.
-        return min(4, cores // 8)
-    return min(4, cores - 1)  # GPU: decode the next batch while the device computes
 
 
 def make_loader(samples, image_size: int, args, device) -> DataLoader:

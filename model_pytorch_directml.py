@@ -412,10 +412,12 @@ class CRBLModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.features(x)
-        if a.is_cuda:  # under --amp: bilinear sums 1280² products per image, float16 overflows
+        # Bilinear pooling sums 1280² products per image: float16 overflows, so the head always
+        # runs in float32, also under --amp autocast or with half-precision backbones (--fp16).
+        if a.is_cuda:
             with torch.autocast("cuda", enabled=False):
                 return self._logits(a.float(), b.float())
-        return self._logits(a, b)
+        return self._logits(a.float(), b.float())
 
     def _logits(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if not self.training and not torch.is_grad_enabled():
@@ -569,6 +571,9 @@ def atomic_write(path: str | os.PathLike, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -317,3 +317,19 @@ def test_checkpoint_errors(tmp_path):
 def test_config_from_newer_version_is_refused():
     with pytest.raises(CRBLError, match="unknown fields"):
         CRBLConfig.from_dict({"image_size": 128, "attention": True})
+
+
+def test_half_precision_backbones_keep_a_float32_head():
+    """--fp16 on DirectML stores the backbones in float16; the bilinear head must stay float32
+    (its sum over 1280² products overflows float16)."""
+    torch.manual_seed(4)
+    model = CRBLModel(CRBLConfig(image_size=64)).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        full = model(x)
+        for module in (model.backbone1, model.backbone2):
+            module.half()
+        model.input_mean, model.input_std = model.input_mean.half(), model.input_std.half()
+        half = model(x.half())
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()
+    assert torch.allclose(half, full, atol=5e-3)
