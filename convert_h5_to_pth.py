@@ -105,7 +105,7 @@ def match_keras_layer(name: str, known: dict[str, str]) -> str | None:
     return best
 
 
-def _read_legacy_group(group, layer_name: str, path: Path) -> dict[str, np.ndarray]:
+def _read_legacy_group(group) -> dict[str, np.ndarray]:
     """weight name -> array of one top-level layer group of a legacy (Keras 2 or 3) HDF5 file."""
     names = [_text(n) for n in group.attrs.get("weight_names", [])]
     return {n: np.asarray(group[n]) for n in names}
@@ -136,7 +136,7 @@ def _legacy_backbone(name: str, weights: dict[str, np.ndarray], path: Path) -> K
 def _read_legacy(root, path: Path, layout: str) -> KerasFile:
     backbones, heads = [], []
     for layer_name in (_text(n) for n in root.attrs["layer_names"]):
-        weights = _read_legacy_group(root[layer_name], layer_name, path)
+        weights = _read_legacy_group(root[layer_name])
         if not weights:
             continue  # input, lambda, dropout
         if any(match_keras_layer(w.split("/")[-2], {"stem_conv": ""}) for w in weights if "/" in w):

@@ -170,7 +170,7 @@ def normalization_preset(name: str) -> tuple[tuple[float, ...], tuple[float, ...
 # Backbone
 # --------------------------------------------------------------------------------------------
 
-def _find_local_weights(tag: str, weights_dir: str | os.PathLike | None) -> Path | None:
+def find_local_weights(tag: str, weights_dir: str | os.PathLike | None) -> Path | None:
     roots = [weights_dir, os.environ.get(WEIGHTS_DIR_ENV)]
     for root in [Path(r) for r in roots if r]:
         for candidate in (root / f"{tag}.safetensors", root / f"{tag}.pth",
@@ -226,7 +226,7 @@ class EfficientNetB0FeatureExtractor(nn.Module):
         """Load 'imagenet' / 'noisy-student' (hub online, local file offline) or a file path."""
         if weights in PRETRAINED_TAGS:
             tag = PRETRAINED_TAGS[weights]
-            local = _find_local_weights(tag, weights_dir)
+            local = find_local_weights(tag, weights_dir)
             state = read_state_dict_file(local) if local else self._download(tag, weights)
         else:
             state = read_state_dict_file(weights)

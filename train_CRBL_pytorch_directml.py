@@ -40,7 +40,7 @@ from dataset_pytorch_directml import (ClassBalancedBatchSampler, TestDataset, Tr
                                       read_manifest, stratified_split, train_augmentation,
                                       verify_images, worker_init)
 from model_pytorch_directml import (MODEL_TYPE_THRESHOLDS, PRETRAINED_TAGS, CRBLConfig, CRBLError,
-                                    CRBLModel, _find_local_weights, freeze_backbones, get_device,
+                                    CRBLModel, find_local_weights, freeze_backbones, get_device,
                                     load_checkpoint, model_from_checkpoint, place_model,
                                     save_checkpoint)
 
@@ -268,7 +268,7 @@ def demo_init_choice(args) -> None:
     """--demo trains from scratch unless both pretrained backbones are already on disk."""
     if not args.demo or args.resume or "init" in args.given:
         return
-    found = all(_find_local_weights(tag, args.weights_dir) for tag in PRETRAINED_TAGS.values())
+    found = all(find_local_weights(tag, args.weights_dir) for tag in PRETRAINED_TAGS.values())
     args.init = "imagenet" if found else "none"
     print(f"demo: --init {args.init} ("
           + ("pretrained backbones found locally" if found else "no pretrained backbones in "
