@@ -1,0 +1,558 @@
+"""Benchmark CRBL-PyTorch against its practical limit, the original Keras model, and itself.
+
+    python benchmark_CRBL.py                                    # 128 and 224 px, batch 1/8/32
+    python benchmark_CRBL.py --sizes 128 --batch-sizes 32 --repeats 9 --json bench.json
+    python benchmark_CRBL.py --device cuda --no-keras --compile
+
+For each image size and batch size it reports, as ratios of speeds measured side by side:
+(a) the CRBL forward pass vs the two bare EfficientNetB0 backbones (the practical limit);
+(b) the CRBL forward vs the original Keras model under tf.function, same weights, inputs and
+threads (when TensorFlow, tf-keras and efficientnet are installed, as in requirements-dev.txt);
+(c) inference_CRBL_pytorch_directml.py end to end (PNG files -> CSV) in steady state, and with
+its start-up (model loading) included, vs the model-only forward on the same images; (d) a crop-model training step vs a Keras train step;
+(e) peak memory (resident-set high-water mark) of each side at inference and after training.
+
+How: every (size, batch) gets two fresh worker processes, PyTorch and Keras (TensorFlow and torch
+in one process can crash). The parent asks them in turn for one timed call of each variant,
+round after round, rotating the order, so every ratio compares calls made under the same machine
+load; it reports medians after warm-up. The Keras model is the original architecture with random
+weights (tests/keras_reference.py builders); the PyTorch model is converted from it, and their
+probabilities are compared as a check that both sides compute the same thing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+# No torch import at the top: the Keras worker runs this file, and TensorFlow and torch in one
+# process can crash. Parent and PyTorch worker import the model module where they need it.
+ROOT = Path(__file__).resolve().parent
+# Speed ratios (higher is better) and the memory ratio (lower is better) the project aims for.
+TARGETS = {
+    "forward_vs_backbones": (">=", 0.85),
+    "forward_vs_keras": (">=", 1.0),
+    "e2e_vs_forward": (">=", 0.8),
+    "train_vs_keras_train": (">=", 1.0),
+    "peak_memory_inference_vs_keras": ("<=", 1.0),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("workload")
+    g.add_argument("--sizes", type=int, nargs="+", default=[128, 224], help="image sizes (px)")
+    g.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    g.add_argument("--device", default="cpu", help="PyTorch device: cpu, cuda[:N], dml[:N], auto")
+    g.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0))
+                   if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1),
+                   help="CPU threads for both frameworks (torch.set_num_threads, TF intra/inter-op)")
+    g.add_argument("--e2e-images", type=int, default=0,
+                   help="images for the end-to-end run; 0 = max(64, 4 batches)")
+    g = p.add_argument_group("measurement")
+    g.add_argument("--repeats", type=int, default=5, help="timed rounds per variant (median reported)")
+    g.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    g.add_argument("--no-keras", action="store_true", help="skip the Keras comparison")
+    g.add_argument("--no-train", action="store_true", help="skip the training-step comparison")
+    g.add_argument("--no-e2e", action="store_true", help="skip the inference-script run")
+    g.add_argument("--compile", action="store_true",
+                   help="also time torch.compile'd backbones (CPU/CUDA; minutes of compiling)")
+    g = p.add_argument_group("output")
+    g.add_argument("--json", default="benchmark_CRBL.json", help="where to write all results")
+    p.add_argument("--worker", choices=["torch", "keras"], help=argparse.SUPPRESS)
+    p.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--workdir", help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def check_args(args) -> None:
+    from model_pytorch_directml import CRBLError
+    if min(args.sizes) < 32:
+        raise CRBLError(f"--sizes {min(args.sizes)} is too small; EfficientNetB0 needs >= 32 px")
+    if min(args.batch_sizes) < 1 or args.threads < 1 or args.repeats < 1 or args.warmup < 0:
+        raise CRBLError("--batch-sizes, --threads and --repeats must be >= 1, --warmup >= 0")
+
+
+# --------------------------------------------------------------------------------------------
+# Workers (separate processes): one timed call per request line
+# --------------------------------------------------------------------------------------------
+
+def make_images(n: int, size: int, seed: int) -> np.ndarray:
+    """Random RGB images of 6×6 flat blocks, (N,S,S,3) float32 in [0,1], identical for both
+    frameworks. Not pixel noise: it drives features far out of range (see export_onnx)."""
+    coarse = np.random.default_rng(seed).random((n, 6, 6, 3), dtype=np.float32)
+    idx = np.minimum((np.arange(size) * 6) // size, 5)
+    return np.ascontiguousarray(coarse[:, idx][:, :, idx])
+
+
+def peak_rss_mb() -> float | None:
+    """This process's resident-set high-water mark so far (MB), where the OS tells it."""
+    try:
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes vs kB
+    except ImportError:  # Windows
+        try:
+            import psutil
+            return psutil.Process().memory_info().peak_wset / 2**20
+        except (ImportError, AttributeError):
+            return None
+
+
+class TorchWorker:
+    def __init__(self, args):
+        import torch
+        from model_pytorch_directml import get_device
+        self.torch, self.args = torch, args
+        torch.set_num_threads(args.threads)
+        self.device = get_device(args.device)
+        self.size, self.batch, self.workdir = args.size, args.batch, Path(args.workdir)
+        self.model = self._model()
+        self.x = self._tensor(make_images(self.batch, self.size, seed=self.batch))
+        self.compiled = None
+
+    def _model(self):
+        from model_pytorch_directml import load_model
+        self.checkpoint = Path(self.args.model_dir) / "crbl.pth"
+        return load_model(self.checkpoint, self.device.device)  # as the scripts do
+
+    def _tensor(self, images: np.ndarray):
+        x = self.torch.from_numpy(images).permute(0, 3, 1, 2).to(self.device.device)
+        # NHWC numpy viewed as NCHW is channels_last already; DirectML wants plain NCHW.
+        return x.contiguous() if self.device.kind == "dml" else x
+
+    def ready(self) -> dict:
+        import torch
+        return {"device": str(self.device), "torch": torch.__version__,
+                "threads": torch.get_num_threads(), "channels_last": self.model.channels_last}
+
+    def sync(self, t) -> None:
+        t.flatten()[0].item()  # waits for the device queue (CUDA, DirectML); no-op on CPU
+
+    def run(self, what: str):
+        torch, m = self.torch, self.model
+        if what == "train":
+            return self.train_step()
+        with torch.inference_mode():
+            if what == "forward":
+                self.sync(m(self.x))
+            elif what == "backbones":  # the practical limit: the two bare timm backbones
+                m.backbone1(self.x)
+                self.sync(m.backbone2(self.x))
+            elif what == "compiled":
+                a, b = self.compiled_backbones()
+                self.sync(m.pool.linear(a, b, m.head.weight, m.head.bias))
+            elif what == "forward_n":
+                for chunk in self.e2e_tensors():
+                    self.sync(m(chunk))
+            elif what == "e2e":
+                self.end_to_end(self.e2e_files())
+            elif what == "e2e_one_batch":  # start-up and first-batch latency
+                self.end_to_end(self.e2e_files() / "one_batch")
+            elif what == "probs":
+                return torch.sigmoid(m(self.x)).flatten().tolist()
+            else:
+                raise ValueError(what)
+
+    def compiled_backbones(self):
+        if self.compiled is None:  # compiled on first use: the warm-up rounds pay for it
+            self.compiled = [self.torch.compile(b.body.forward_features)
+                             for b in (self.model.backbone1, self.model.backbone2)]
+        return [c(self.x) for c in self.compiled]
+
+    def e2e_files(self) -> Path:
+        """N PNG files in images/, and the first batch of them again in images/one_batch/."""
+        folder = self.workdir / "images"
+        if not folder.is_dir():
+            from PIL import Image
+            (folder / "one_batch").mkdir(parents=True)
+            # Files twice the model size, like larger photos: decoding and resizing are timed.
+            for i, img in enumerate(make_images(self.args.e2e_images, 2 * self.size, seed=7)):
+                for sub in ("", "one_batch") if i < self.batch else ("",):
+                    Image.fromarray((img * 255).astype(np.uint8)).save(folder / sub / f"{i:05d}.png")
+        return folder
+
+    def e2e_tensors(self):
+        self.e2e_files()
+        if not hasattr(self, "_e2e_x"):
+            from dataset_pytorch_directml import preprocess_image
+            files = sorted((self.workdir / "images").glob("*.png"))
+            x = np.stack([preprocess_image(f, self.size).permute(1, 2, 0).numpy() for f in files])
+            self._e2e_x = [self._tensor(x[i:i + self.batch]) for i in range(0, len(x), self.batch)]
+        return self._e2e_x
+
+    def end_to_end(self, folder: Path) -> None:
+        import inference_CRBL_pytorch_directml as inference
+        code = inference.main(["--weights", str(self.checkpoint),
+                               "--input", str(folder),
+                               "--output", str(self.workdir / "predictions.csv"),
+                               "--device", self.args.device, "--batch-size", str(self.batch),
+                               "--no-progress"])
+        if code != 0:
+            raise RuntimeError(f"inference script exited with {code}")
+
+    def train_step(self) -> None:
+        torch = self.torch
+        if not hasattr(self, "optimizer"):
+            from model_pytorch_directml import freeze_backbones
+            from train_CRBL_pytorch_directml import class_weights_from_prior, crbl_loss
+            freeze_backbones(self.model, "crop")
+            self.model.train()
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            # The training script's optimiser and loss: AdamW 1e-4 / 1e-6, weighted smoothed BCE.
+            self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-6)
+            weights = class_weights_from_prior(0.88)
+            self.loss = lambda logits, y: crbl_loss(logits, y, 0.125, weights)
+            self.labels = (torch.arange(self.batch) % 2).float().to(self.device.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(self.model(self.x), self.labels)
+        loss.backward()
+        self.optimizer.step()
+        self.sync(loss)
+
+
+class Unavailable(Exception):
+    """The Keras stack is not installed: the comparison is skipped, the benchmark goes on."""
+
+
+class KerasWorker:
+    def __init__(self, args):
+        sys.path.insert(0, str(ROOT / "tests"))
+        try:
+            import tensorflow as tf
+            from keras_reference import bilinear, build_qubvel, synthetic_images
+        except ImportError as exc:
+            raise Unavailable(f"Keras comparison skipped ({exc}); install requirements-dev.txt "
+                            "or pass --no-keras") from None
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+        if args.device == "cpu":
+            tf.config.set_visible_devices([], "GPU")
+        self.tf, self.batch = tf, args.batch
+        weights = Path(args.model_dir) / "keras.weights.h5"
+        # The first worker of a size calibrates BN statistics (features in a realistic range)
+        # and saves the weights; the timed ones load them, calibrating just one image.
+        calib = synthetic_images(1 if weights.is_file() else 16, args.size, seed=1) / 255.0
+        keras, _, inp, (b1, b2) = build_qubvel(args.size, calib.astype("float32"),
+                                               np.random.default_rng(0))
+        z = keras.layers.Lambda(bilinear, name="lambda")([b1(inp), b2(inp)])
+        pred = keras.layers.Dense(1, activation="sigmoid", name="predictions")(
+            keras.layers.Dropout(0.5)(z))
+        self.model = keras.Model(inp, pred)
+        if weights.is_file():
+            self.model.load_weights(str(weights))
+        else:
+            self.model.save_weights(str(weights))
+        self.model.compile(optimizer=keras.optimizers.Adam(1e-4, weight_decay=1e-6),
+                           loss=keras.losses.BinaryCrossentropy(label_smoothing=0.125))
+        self.infer = tf.function(lambda x: self.model(x, training=False))
+        self.x = tf.constant(make_images(args.batch, args.size, seed=args.batch))
+        self.y = tf.constant((np.arange(args.batch) % 2).astype("float32")[:, None])
+        c0 = 0.88
+        self.class_weight = {0: 1 / (2 * c0), 1: 1 / (2 * (1 - c0))}  # the original's weights
+
+    def ready(self) -> dict:
+        import tf_keras
+        tf = self.tf
+        return {"tensorflow": tf.__version__, "keras": f"tf-keras {tf_keras.__version__}",
+                "threads": [tf.config.threading.get_intra_op_parallelism_threads(),
+                            tf.config.threading.get_inter_op_parallelism_threads()],
+                "devices": [d.device_type for d in tf.config.get_visible_devices()]}
+
+    def run(self, what: str):
+        if what == "forward":
+            self.infer(self.x).numpy()
+        elif what == "train":
+            self.model.train_on_batch(self.x, self.y, class_weight=self.class_weight)
+        elif what == "probs":
+            return self.infer(self.x).numpy().flatten().tolist()
+        else:
+            raise ValueError(what)
+
+
+def serve(args) -> int:
+    """Worker main: build, say ready, then answer one JSON line per request line on stdin."""
+    channel, sys.stdout = sys.stdout, sys.stderr  # library prints must not corrupt the channel
+
+    def send(obj) -> None:
+        channel.write(json.dumps(obj) + "\n")
+        channel.flush()
+
+    try:
+        worker = (TorchWorker if args.worker == "torch" else KerasWorker)(args)
+    except Exception as exc:  # CRBLError from the model module, or Unavailable
+        if type(exc).__name__ not in ("CRBLError", "Unavailable"):
+            raise
+        send({"error": str(exc), "unavailable": isinstance(exc, Unavailable)})
+        return 2
+    send({"ready": worker.ready(), "peak_rss_mb": peak_rss_mb()})
+    for line in sys.stdin:
+        what = line.strip()
+        if what == "quit":
+            break
+        if what == "memory":
+            send({"peak_rss_mb": peak_rss_mb()})
+            continue
+        start = time.perf_counter()
+        value = worker.run(what)
+        send({"seconds": time.perf_counter() - start, "value": value})
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Parent: start workers, interleave their calls, summarise
+# --------------------------------------------------------------------------------------------
+
+class Worker:
+    """A worker process and its request/answer pipe."""
+
+    def __init__(self, kind: str, size: int, batch: int, e2e_images: int, workdir: Path, args):
+        workdir.mkdir(exist_ok=True)
+        env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2")
+        self.kind, self.log = kind, tempfile.TemporaryFile("w+")
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", kind,
+                   "--size", str(size), "--batch", str(batch), "--workdir", str(workdir),
+                   "--model-dir", str(workdir.parent),
+                   "--device", args.device, "--threads", str(args.threads),
+                   "--e2e-images", str(e2e_images)]
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True, env=env, cwd=ROOT)
+        self.info = self.ask(None)
+
+    def ask(self, request: str | None) -> dict:
+        if request is not None:
+            self.proc.stdin.write(request + "\n")
+            self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            self.log.seek(0)
+            tail = self.log.read()[-2000:]
+            raise RuntimeError(f"{self.kind} worker died (exit {self.proc.returncode}):\n{tail}")
+        answer = json.loads(line)
+        if "error" in answer:
+            from model_pytorch_directml import CRBLError
+            self.proc.wait()
+            raise (Unavailable if answer["unavailable"] else CRBLError)(answer["error"])
+        return answer
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.ask_quit()
+            finally:
+                if self.proc.poll() is None:
+                    self.proc.kill()
+        self.log.close()
+
+    def ask_quit(self) -> None:
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def interleaved(variants: dict[str, tuple[Worker, str]], warmup: int, repeats: int
+                ) -> dict[str, list[float]]:
+    """Seconds per call of each variant: rounds of one call each, order rotated every round."""
+    names = list(variants)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(warmup + repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            worker, request = variants[name]
+            seconds = worker.ask(request)["seconds"]
+            if r >= warmup:
+                times[name].append(seconds)
+    return times
+
+
+def make_model_files(size: int, model_dir: Path, args, notes: list[str]) -> None:
+    """keras.weights.h5 (the original architecture, random weights) and crbl.pth converted from
+    it, once per size: every batch size runs the same weights, and no timed worker's peak memory
+    includes building or converting them. Without Keras: a random PyTorch model."""
+    model_dir.mkdir()
+    if not args.no_keras:
+        try:
+            Worker("keras", size, 1, 0, model_dir / "build", args).close()  # builds, saves, quits
+        except Unavailable as exc:
+            notes.append(str(exc))
+            args.no_keras = True
+    if (model_dir / "keras.weights.h5").is_file():
+        from convert_h5_to_pth import convert
+        convert(model_dir / "keras.weights.h5", model_dir / "crbl.pth", image_size=size)
+    else:
+        import torch
+        from model_pytorch_directml import CRBLConfig, CRBLModel, save_checkpoint
+        torch.manual_seed(0)
+        save_checkpoint(model_dir / "crbl.pth", CRBLModel(CRBLConfig(image_size=size)))
+
+
+def bench_config(size: int, batch: int, model_dir: Path, args) -> dict:
+    """All measurements for one (size, batch), in fresh worker processes."""
+    n_e2e = math.ceil((args.e2e_images or max(64, 4 * batch)) / batch) * batch
+    workdir = model_dir / f"batch{batch}"
+    workers: list[Worker] = []
+    try:
+        keras = None
+        if not args.no_keras:
+            keras = Worker("keras", size, batch, n_e2e, workdir, args)
+            workers.append(keras)
+        torch_w = Worker("torch", size, batch, n_e2e, workdir, args)
+        workers.append(torch_w)
+        result = {"size": size, "batch": batch, "device": torch_w.info["ready"]["device"],
+                  "torch_info": torch_w.info["ready"],
+                  "keras_info": keras.info["ready"] if keras else None}
+        times, memory = measure(torch_w, keras, args, result)
+    finally:
+        for worker in workers:
+            worker.close()
+    result.update(summarise(times, memory, batch, n_e2e))
+    return result
+
+
+def measure(torch_w: Worker, keras: Worker | None, args, result: dict) -> tuple[dict, dict]:
+    inference = {"backbones": (torch_w, "backbones"), "forward": (torch_w, "forward")}
+    if keras:
+        inference["keras_forward"] = (keras, "forward")
+    if args.compile:
+        inference["compiled"] = (torch_w, "compiled")
+    times = interleaved(inference, args.warmup, args.repeats)
+    memory = {"torch_inference": torch_w.ask("memory")["peak_rss_mb"],
+              "keras_inference": keras.ask("memory")["peak_rss_mb"] if keras else None}
+    if keras:  # before any training step changes the weights
+        diff = np.subtract(torch_w.ask("probs")["value"], keras.ask("probs")["value"])
+        result["max_abs_prob_diff_vs_keras"] = float(np.abs(diff).max())
+    if not args.no_e2e:  # one warm-up: the inference script's first run imports its modules
+        times.update(interleaved({"forward_n": (torch_w, "forward_n"), "e2e": (torch_w, "e2e"),
+                                  "e2e_one_batch": (torch_w, "e2e_one_batch")}, 1, args.repeats))
+    if not args.no_train:
+        train = {"train": (torch_w, "train")}
+        if keras:
+            train["keras_train"] = (keras, "train")
+        times.update(interleaved(train, args.warmup, args.repeats))
+        memory["torch_after_train"] = torch_w.ask("memory")["peak_rss_mb"]
+        memory["keras_after_train"] = keras.ask("memory")["peak_rss_mb"] if keras else None
+    return times, memory
+
+
+def summarise(times: dict, memory: dict, batch: int, n_e2e: int) -> dict:
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    per_call_images = {"forward_n": n_e2e, "e2e": n_e2e}
+    ips = {name: per_call_images.get(name, batch) / s for name, s in med.items()
+           if name != "e2e_one_batch"}
+    if "e2e" in med and n_e2e > batch:
+        # The script's steady state: the images after the first batch, whose cost (model
+        # loading, start-up, first batch) the one-batch run measures and the N-image run repeats.
+        ips["e2e_steady"] = (n_e2e - batch) / max(med["e2e"] - med["e2e_one_batch"], 1e-9)
+
+    def ratio(a, b):  # speed of a relative to b
+        return ips[a] / ips[b] if a in ips and b in ips else None
+
+    ratios = {"forward_vs_backbones": ratio("forward", "backbones"),
+              "forward_vs_keras": ratio("forward", "keras_forward"),
+              "compiled_vs_forward": ratio("compiled", "forward"),
+              "e2e_vs_forward": ratio("e2e_steady", "forward_n"),
+              "e2e_with_startup_vs_forward": ratio("e2e", "forward_n"),
+              "train_vs_keras_train": ratio("train", "keras_train"),
+              "peak_memory_inference_vs_keras": (memory["torch_inference"] / memory["keras_inference"]
+                                                 if memory.get("keras_inference") else None)}
+    met = {}
+    for name, (op, bound) in TARGETS.items():
+        if ratios.get(name) is not None:
+            met[name] = ratios[name] >= bound if op == ">=" else ratios[name] <= bound
+    return {"images_per_s": ips, "median_s": med, "ratios": ratios, "targets_met": met,
+            "peak_rss_mb": memory, "e2e_images": n_e2e, "seconds": times}
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+def load_average() -> list[float] | None:
+    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    if Path("/proc/cpuinfo").is_file():
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {"platform": platform.platform(), "cpu": cpu, "logical_cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+
+
+def fmt(value, pattern="{:.2f}") -> str:
+    return "—" if value is None else pattern.format(value)
+
+
+def table(results: list[dict]) -> str:
+    rows = ["| px | batch | CRBL img/s | backbones img/s | CRBL/backbones | Keras img/s | CRBL/Keras "
+            "| e2e/forward (with start-up) | train img/s | Keras train img/s | train/Keras | peak MB inference "
+            "(torch/Keras) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        ips, rat, mem = r["images_per_s"], r["ratios"], r["peak_rss_mb"]
+        rows.append(
+            f"| {r['size']} | {r['batch']} | {fmt(ips.get('forward'), '{:.1f}')} "
+            f"| {fmt(ips.get('backbones'), '{:.1f}')} | {fmt(rat['forward_vs_backbones'])} "
+            f"| {fmt(ips.get('keras_forward'), '{:.1f}')} | {fmt(rat['forward_vs_keras'])} "
+            f"| {fmt(rat['e2e_vs_forward'])} ({fmt(rat['e2e_with_startup_vs_forward'])}) "
+            f"| {fmt(ips.get('train'), '{:.1f}')} "
+            f"| {fmt(ips.get('keras_train'), '{:.1f}')} | {fmt(rat['train_vs_keras_train'])} "
+            f"| {fmt(mem.get('torch_inference'), '{:.0f}')} / {fmt(mem.get('keras_inference'), '{:.0f}')} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return serve(args)
+    from model_pytorch_directml import CRBLError
+    try:
+        check_args(args)
+        report = {"command": "python benchmark_CRBL.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                  "machine": machine(), "load_average_before": load_average(), "notes": [],
+                  "settings": {k: v for k, v in vars(args).items()
+                               if k not in ("worker", "size", "batch", "workdir", "model_dir")},
+                  "targets": {k: f"{op} {bound}" for k, (op, bound) in TARGETS.items()}, "results": []}
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="crbl-bench-") as tmp:
+            for size in args.sizes:
+                make_model_files(size, Path(tmp) / f"{size}px", args, report["notes"])
+                for batch in args.batch_sizes:
+                    result = bench_config(size, batch, Path(tmp) / f"{size}px", args)
+                    report["results"].append(result)
+                    print(f"{size} px, batch {batch} on {result['device']}: " + ", ".join(
+                        f"{k} {v:.2f}" for k, v in result["ratios"].items() if v is not None),
+                          file=sys.stderr, flush=True)
+        report["load_average_after"] = load_average()
+        report["wall_s"] = round(time.perf_counter() - started, 1)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    except CRBLError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"device: {report['results'][0]['device']}; threads {args.threads}; load average "
+          f"{report['load_average_before']} -> {report['load_average_after']}")
+    for note in report["notes"]:
+        print(f"note: {note}")
+    print(table(report["results"]))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

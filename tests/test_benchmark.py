@@ -1,0 +1,58 @@
+"""benchmark_CRBL.py: a tiny real run (workers, interleaving, JSON, table); not a timed test."""
+import importlib.util
+import json
+
+import pytest
+
+import benchmark_CRBL
+
+HAS_KERAS = all(importlib.util.find_spec(m) for m in ("tensorflow", "tf_keras", "efficientnet"))
+
+
+def run(tmp_path, *extra) -> dict:
+    out = tmp_path / "bench.json"
+    argv = ["--sizes", "64", "--repeats", "1", "--warmup", "0", "--json", str(out), *extra]
+    assert benchmark_CRBL.main(argv) == 0
+    return json.loads(out.read_text())
+
+
+def test_smoke_run_writes_every_measurement(tmp_path, capsys):
+    report = run(tmp_path, "--batch-sizes", "2", "--e2e-images", "4", "--no-keras")
+    assert report["machine"]["logical_cpus"] >= 1 and report["settings"]["threads"] >= 1
+    (result,) = report["results"]
+    assert (result["size"], result["batch"], result["e2e_images"]) == (64, 2, 4)
+    assert result["device"].startswith("cpu") and result["torch_info"]["channels_last"]
+    assert set(result["images_per_s"]) == {"backbones", "forward", "forward_n", "e2e",
+                                           "e2e_steady", "train"}
+    assert len(result["seconds"]["e2e_one_batch"]) == 1
+    assert all(v > 0 for v in result["images_per_s"].values())
+    ratios = {k: v for k, v in result["ratios"].items() if v is not None}
+    assert set(ratios) == {"forward_vs_backbones", "e2e_vs_forward", "e2e_with_startup_vs_forward"}
+    assert all(v > 0 for v in ratios.values())
+    # The PyTorch worker held the model and its activations: more than the interpreter.
+    memory = result["peak_rss_mb"]
+    assert memory["torch_after_train"] >= memory["torch_inference"] > 100
+    table = capsys.readouterr().out
+    assert "| 64 | 2 |" in table and "CRBL/backbones" in table
+
+
+@pytest.mark.skipif(not HAS_KERAS, reason="TensorFlow, tf-keras or efficientnet not installed")
+def test_keras_side_uses_the_same_model(tmp_path):
+    report = run(tmp_path, "--batch-sizes", "1", "--no-train", "--no-e2e")
+    (result,) = report["results"]
+    assert result["keras_info"]["tensorflow"] and result["keras_info"]["threads"][0] >= 1
+    # PyTorch runs the Keras worker's weights, converted: same probabilities on the same images.
+    assert result["max_abs_prob_diff_vs_keras"] < 1e-4
+    assert result["images_per_s"]["keras_forward"] > 0 and result["ratios"]["forward_vs_keras"] > 0
+    assert result["peak_rss_mb"]["keras_inference"] > 100
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sizes", "16"], "too small"),
+    (["--batch-sizes", "0"], ">= 1"),
+])
+def test_bad_settings_are_one_line_errors(argv, message, tmp_path, capsys):
+    assert benchmark_CRBL.main(argv + ["--json", str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "b.json").exists()
