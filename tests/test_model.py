@@ -51,7 +51,17 @@ def test_bilinear_gradient_equals_autograd():
         assert torch.allclose(x, y, atol=1e-9)
 
 
-def test_fused_inference_head_equals_unfused():
+@pytest.fixture(params=["cpu", "cuda"])
+def chunking(request, monkeypatch):
+    """Run the head's chunked math with the CPU's small chunks and with the GPU's large ones."""
+    if request.param == "cuda":
+        chunk = mp._chunk
+        monkeypatch.setattr(mp, "_chunk", lambda total, per_item, device:
+                            chunk(total, per_item, torch.device("cuda")))
+    return request.param
+
+
+def test_fused_inference_head_equals_unfused(chunking):
     torch.manual_seed(3)
     c = mp.NUM_FEATURES
     a, b = torch.randn(5, c, 4, 4), torch.randn(5, c, 4, 4)
@@ -60,6 +70,21 @@ def test_fused_inference_head_equals_unfused():
     fused = BilinearPooling().linear(a, b, weight, bias)
     assert fused.shape == (5, 1)
     assert (fused.double() - ref).abs().max() < 1e-5
+
+
+def test_training_head_equals_keras_at_full_width(chunking):
+    """1280 channels (chunks of one sample on CPU, the whole batch on a GPU): values and grads."""
+    torch.manual_seed(4)
+    c = mp.NUM_FEATURES
+    a = torch.randn(3, c, 2, 2, dtype=torch.double, requires_grad=True)
+    b = torch.randn(3, c, 2, 2, dtype=torch.double, requires_grad=True)
+    g = torch.randn(3, c * c, dtype=torch.double)
+    ours = BilinearPooling()(a, b)
+    ref = keras_bilinear(a, b)
+    assert torch.allclose(ours, ref, atol=1e-12)
+    for x, y in zip(torch.autograd.grad((ours * g).sum(), (a, b)),
+                    torch.autograd.grad((ref * g).sum(), (a, b))):
+        assert torch.allclose(x, y, atol=1e-9)
 
 
 @pytest.fixture(scope="module")
@@ -243,8 +268,12 @@ def _fake_cuda(monkeypatch, hip=None, count=1):
 def test_cuda_and_rocm(monkeypatch, hip, kind):
     _install_directml(monkeypatch, import_error=ImportError("no module"))
     _fake_cuda(monkeypatch, hip=hip)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # torch's defaults
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     assert get_device("auto").kind == kind
     assert get_device("cuda").device == torch.device("cuda", 0)
+    # float32 stays float32 on the GPU (TF32 convolutions cost ~1e-4 of probability)
+    assert not torch.backends.cudnn.allow_tf32 and torch.backends.cudnn.benchmark
     with pytest.raises(CRBLError, match="GPU 3 requested"):
         get_device("cuda:3")
 
