@@ -2,7 +2,7 @@
 
     python benchmark_CRBL.py                                    # 128 and 224 px, batch 1/8/32
     python benchmark_CRBL.py --sizes 128 --batch-sizes 32 --repeats 9 --json bench.json
-    python benchmark_CRBL.py --device cuda --no-keras --compile
+    python benchmark_CRBL.py --device cuda --amp --weights model.weights.h5 --batch-sizes 1 32 128
 
 For each image size and batch size it reports, as ratios of speeds measured side by side:
 (a) the CRBL forward pass vs the two bare EfficientNetB0 backbones (the practical limit);
@@ -11,6 +11,8 @@ threads (when TensorFlow, tf-keras and efficientnet are installed, as in require
 (c) inference_CRBL_pytorch_directml.py end to end (PNG files -> CSV) in steady state, and with
 its start-up (model loading) included, vs the model-only forward on the same images; (d) a crop-model training step vs a Keras train step;
 (e) peak memory (resident-set high-water mark) of each side at inference and after training.
+On a GPU it also checks parity: the GPU's probabilities vs the same model on the CPU (float32,
+and float16 autocast with --amp), and reports --amp's speed-up over float32.
 
 How: every (size, batch) gets two fresh worker processes, PyTorch and Keras (TensorFlow and torch
 in one process can crash). The parent asks them in turn for one timed call of each variant,
@@ -60,6 +62,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="CPU threads for both frameworks (torch.set_num_threads, TF intra/inter-op)")
     g.add_argument("--e2e-images", type=int, default=0,
                    help="images for the end-to-end run; 0 = max(64, 4 batches)")
+    g.add_argument("--amp", action="store_true",
+                   help="CUDA/ROCm: float16 autocast backbones (the head stays float32) for every "
+                        "PyTorch variant, GradScaler in training, --fp16 in the inference script; "
+                        "float32 is timed too")
+    g.add_argument("--weights", help="benchmark this model (.pth checkpoint or Keras .h5) instead "
+                                     "of random weights; the Keras side keeps its own weights")
     g = p.add_argument_group("measurement")
     g.add_argument("--repeats", type=int, default=5, help="timed rounds per variant (median reported)")
     g.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
@@ -84,6 +92,11 @@ def check_args(args) -> None:
         raise CRBLError(f"--sizes {min(args.sizes)} is too small; EfficientNetB0 needs >= 32 px")
     if min(args.batch_sizes) < 1 or args.threads < 1 or args.repeats < 1 or args.warmup < 0:
         raise CRBLError("--batch-sizes, --threads and --repeats must be >= 1, --warmup >= 0")
+    if args.amp and args.device.split(":")[0] in ("cpu", "dml", "directml"):
+        raise CRBLError(f"--amp needs a CUDA/ROCm GPU (float16 autocast); --device {args.device} "
+                        "runs float32: leave --amp out")
+    if args.weights and not Path(args.weights).is_file():
+        raise CRBLError(f"--weights {args.weights}: no such file")
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,10 +128,13 @@ def peak_rss_mb() -> float | None:
 class TorchWorker:
     def __init__(self, args):
         import torch
-        from model_pytorch_directml import get_device
+        from model_pytorch_directml import CRBLError, get_device
         self.torch, self.args = torch, args
         torch.set_num_threads(args.threads)
         self.device = get_device(args.device)
+        if args.amp and self.device.kind not in ("cuda", "rocm"):
+            raise CRBLError(f"--amp needs a CUDA/ROCm GPU; --device {args.device} gave {self.device}")
+        self.amp = args.amp
         self.size, self.batch, self.workdir = args.size, args.batch, Path(args.workdir)
         self.model = self._model()
         self.x = self._tensor(make_images(self.batch, self.size, seed=self.batch))
@@ -136,8 +152,19 @@ class TorchWorker:
 
     def ready(self) -> dict:
         import torch
-        return {"device": str(self.device), "torch": torch.__version__,
+        return {"device": str(self.device), "torch": torch.__version__, "amp": self.amp,
                 "threads": torch.get_num_threads(), "channels_last": self.model.channels_last}
+
+    @property
+    def peak_gpu_mb(self) -> float | None:
+        """CUDA/ROCm memory high-water mark of this process (tensors, not the CUDA context)."""
+        cuda = self.torch.cuda
+        return cuda.max_memory_allocated(self.device.device) / 2**20 if self.device.kind in (
+            "cuda", "rocm") else None
+
+    def autocast(self, enabled: bool = True):
+        """float16 autocast for --amp; CRBLModel keeps its bilinear head in float32 itself."""
+        return self.torch.autocast("cuda", dtype=self.torch.float16, enabled=self.amp and enabled)
 
     def sync(self, t) -> None:
         t.flatten()[0].item()  # waits for the device queue (CUDA, DirectML); no-op on CPU
@@ -146,8 +173,8 @@ class TorchWorker:
         torch, m = self.torch, self.model
         if what == "train":
             return self.train_step()
-        with torch.inference_mode():
-            if what == "forward":
+        with torch.inference_mode(), self.autocast(what not in ("forward_fp32", "probs")):
+            if what in ("forward", "forward_fp32"):
                 self.sync(m(self.x))
             elif what == "backbones":  # the practical limit: the two bare timm backbones
                 m.backbone1(self.x)
@@ -162,8 +189,8 @@ class TorchWorker:
                 self.end_to_end(self.e2e_files())
             elif what == "e2e_one_batch":  # start-up and first-batch latency
                 self.end_to_end(self.e2e_files() / "one_batch")
-            elif what == "probs":
-                return torch.sigmoid(m(self.x)).flatten().tolist()
+            elif what in ("probs", "probs_amp"):
+                return torch.sigmoid(m(self.x).float()).flatten().tolist()
             else:
                 raise ValueError(what)
 
@@ -200,7 +227,7 @@ class TorchWorker:
                                "--input", str(folder),
                                "--output", str(self.workdir / "predictions.csv"),
                                "--device", self.args.device, "--batch-size", str(self.batch),
-                               "--no-progress"])
+                               "--no-progress"] + (["--fp16"] if self.amp else []))
         if code != 0:
             raise RuntimeError(f"inference script exited with {code}")
 
@@ -217,10 +244,14 @@ class TorchWorker:
             weights = class_weights_from_prior(0.88)
             self.loss = lambda logits, y: crbl_loss(logits, y, 0.125, weights)
             self.labels = (torch.arange(self.batch) % 2).float().to(self.device.device)
+            self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)  # as the training script
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(self.model(self.x), self.labels)
-        loss.backward()
-        self.optimizer.step()
+        with self.autocast():
+            logits = self.model(self.x)
+        loss = self.loss(logits.float(), self.labels)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.sync(loss)
 
 
@@ -304,7 +335,7 @@ def serve(args) -> int:
         if what == "quit":
             break
         if what == "memory":
-            send({"peak_rss_mb": peak_rss_mb()})
+            send({"peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": getattr(worker, "peak_gpu_mb", None)})
             continue
         start = time.perf_counter()
         value = worker.run(what)
@@ -327,7 +358,7 @@ class Worker:
                    "--size", str(size), "--batch", str(batch), "--workdir", str(workdir),
                    "--model-dir", str(workdir.parent),
                    "--device", args.device, "--threads", str(args.threads),
-                   "--e2e-images", str(e2e_images)]
+                   "--e2e-images", str(e2e_images)] + (["--amp"] if args.amp else [])
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log, text=True, env=env, cwd=ROOT)
         self.info = self.ask(None)
@@ -381,7 +412,9 @@ def interleaved(variants: dict[str, tuple[Worker, str]], warmup: int, repeats: i
 def make_model_files(size: int, model_dir: Path, args, notes: list[str]) -> None:
     """keras.weights.h5 (the original architecture, random weights) and crbl.pth converted from
     it, once per size: every batch size runs the same weights, and no timed worker's peak memory
-    includes building or converting them. Without Keras: a random PyTorch model."""
+    includes building or converting them. Without Keras: a random PyTorch model. --weights: the
+    user's model, set to this image size (the inference script resizes to the model's size)."""
+    from convert_h5_to_pth import convert
     model_dir.mkdir()
     if not args.no_keras:
         try:
@@ -389,8 +422,14 @@ def make_model_files(size: int, model_dir: Path, args, notes: list[str]) -> None
         except Unavailable as exc:
             notes.append(str(exc))
             args.no_keras = True
-    if (model_dir / "keras.weights.h5").is_file():
-        from convert_h5_to_pth import convert
+    if args.weights and Path(args.weights).suffix.lower() == ".pth":
+        from model_pytorch_directml import load_model, save_checkpoint
+        model = load_model(args.weights)
+        model.config.image_size = size
+        save_checkpoint(model_dir / "crbl.pth", model, threshold=model.meta.get("threshold"))
+    elif args.weights:
+        convert(args.weights, model_dir / "crbl.pth", image_size=size)
+    elif (model_dir / "keras.weights.h5").is_file():
         convert(model_dir / "keras.weights.h5", model_dir / "crbl.pth", image_size=size)
     else:
         import torch
@@ -414,7 +453,7 @@ def bench_config(size: int, batch: int, model_dir: Path, args) -> dict:
         result = {"size": size, "batch": batch, "device": torch_w.info["ready"]["device"],
                   "torch_info": torch_w.info["ready"],
                   "keras_info": keras.info["ready"] if keras else None}
-        times, memory = measure(torch_w, keras, args, result)
+        times, memory = measure(torch_w, keras, args, result, model_dir / "crbl.pth")
     finally:
         for worker in workers:
             worker.close()
@@ -422,18 +461,30 @@ def bench_config(size: int, batch: int, model_dir: Path, args) -> dict:
     return result
 
 
-def measure(torch_w: Worker, keras: Worker | None, args, result: dict) -> tuple[dict, dict]:
+def measure(torch_w: Worker, keras: Worker | None, args, result: dict, checkpoint: Path
+            ) -> tuple[dict, dict]:
     inference = {"backbones": (torch_w, "backbones"), "forward": (torch_w, "forward")}
     if keras:
         inference["keras_forward"] = (keras, "forward")
     if args.compile:
         inference["compiled"] = (torch_w, "compiled")
+    if args.amp:
+        inference["forward_fp32"] = (torch_w, "forward_fp32")
     times = interleaved(inference, args.warmup, args.repeats)
-    memory = {"torch_inference": torch_w.ask("memory")["peak_rss_mb"],
+    answer = torch_w.ask("memory")
+    memory = {"torch_inference": answer["peak_rss_mb"], "torch_gpu_inference": answer["peak_gpu_mb"],
               "keras_inference": keras.ask("memory")["peak_rss_mb"] if keras else None}
-    if keras:  # before any training step changes the weights
-        diff = np.subtract(torch_w.ask("probs")["value"], keras.ask("probs")["value"])
+    # Parity checks, before any training step changes the weights.
+    probs = torch_w.ask("probs")["value"]
+    if keras and not args.weights:
+        diff = np.subtract(probs, keras.ask("probs")["value"])
         result["max_abs_prob_diff_vs_keras"] = float(np.abs(diff).max())
+    if not result["device"].startswith("cpu"):
+        cpu = cpu_probs(checkpoint, result["size"], result["batch"])
+        result["max_abs_prob_diff_vs_cpu"] = float(np.abs(np.subtract(probs, cpu)).max())
+        if args.amp:
+            amp = torch_w.ask("probs_amp")["value"]
+            result["max_abs_prob_diff_amp_vs_cpu"] = float(np.abs(np.subtract(amp, cpu)).max())
     if not args.no_e2e:  # one warm-up: the inference script's first run imports its modules
         times.update(interleaved({"forward_n": (torch_w, "forward_n"), "e2e": (torch_w, "e2e"),
                                   "e2e_one_batch": (torch_w, "e2e_one_batch")}, 1, args.repeats))
@@ -442,9 +493,20 @@ def measure(torch_w: Worker, keras: Worker | None, args, result: dict) -> tuple[
         if keras:
             train["keras_train"] = (keras, "train")
         times.update(interleaved(train, args.warmup, args.repeats))
-        memory["torch_after_train"] = torch_w.ask("memory")["peak_rss_mb"]
+        answer = torch_w.ask("memory")
+        memory["torch_after_train"], memory["torch_gpu_after_train"] = (answer["peak_rss_mb"],
+                                                                        answer["peak_gpu_mb"])
         memory["keras_after_train"] = keras.ask("memory")["peak_rss_mb"] if keras else None
     return times, memory
+
+
+def cpu_probs(checkpoint: Path, size: int, batch: int) -> list[float]:
+    """The benchmark batch through the same checkpoint on the CPU (float32): the GPU's reference."""
+    import torch
+    from model_pytorch_directml import load_model
+    x = torch.from_numpy(make_images(batch, size, seed=batch)).permute(0, 3, 1, 2)
+    with torch.inference_mode():
+        return torch.sigmoid(load_model(checkpoint, "cpu")(x)).flatten().tolist()
 
 
 def summarise(times: dict, memory: dict, batch: int, n_e2e: int) -> dict:
@@ -463,6 +525,7 @@ def summarise(times: dict, memory: dict, batch: int, n_e2e: int) -> dict:
     ratios = {"forward_vs_backbones": ratio("forward", "backbones"),
               "forward_vs_keras": ratio("forward", "keras_forward"),
               "compiled_vs_forward": ratio("compiled", "forward"),
+              "amp_vs_fp32": ratio("forward", "forward_fp32"),
               "e2e_vs_forward": ratio("e2e_steady", "forward_n"),
               "e2e_with_startup_vs_forward": ratio("e2e", "forward_n"),
               "train_vs_keras_train": ratio("train", "keras_train"),
@@ -514,6 +577,20 @@ def table(results: list[dict]) -> str:
             f"| {fmt(ips.get('train'), '{:.1f}')} "
             f"| {fmt(ips.get('keras_train'), '{:.1f}')} | {fmt(rat['train_vs_keras_train'])} "
             f"| {fmt(mem.get('torch_inference'), '{:.0f}')} / {fmt(mem.get('keras_inference'), '{:.0f}')} |")
+    if any(r.get("max_abs_prob_diff_vs_cpu") is not None for r in results):
+        rows += ["", "| px | batch | float32 img/s | AMP img/s | AMP/float32 | max abs Δprob vs CPU "
+                 "(float32 / AMP) | peak GPU MB (inference / training) |",
+                 "|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in results:
+            ips, mem = r["images_per_s"], r["peak_rss_mb"]
+            fp32 = ips.get("forward_fp32", None if r["torch_info"]["amp"] else ips.get("forward"))
+            amp = ips.get("forward") if r["torch_info"]["amp"] else None
+            rows.append(
+                f"| {r['size']} | {r['batch']} | {fmt(fp32, '{:.1f}')} | {fmt(amp, '{:.1f}')} "
+                f"| {fmt(r['ratios']['amp_vs_fp32'])} | {fmt(r.get('max_abs_prob_diff_vs_cpu'), '{:.1e}')}"
+                f" / {fmt(r.get('max_abs_prob_diff_amp_vs_cpu'), '{:.1e}')} "
+                f"| {fmt(mem.get('torch_gpu_inference'), '{:.0f}')} / "
+                f"{fmt(mem.get('torch_gpu_after_train'), '{:.0f}')} |")
     return "\n".join(rows)
 
 
@@ -536,6 +613,7 @@ def main(argv=None) -> int:
                 for batch in args.batch_sizes:
                     result = bench_config(size, batch, Path(tmp) / f"{size}px", args)
                     report["results"].append(result)
+                    Path(args.json).write_text(json.dumps(report, indent=2))  # partial results survive
                     print(f"{size} px, batch {batch} on {result['device']}: " + ", ".join(
                         f"{k} {v:.2f}" for k, v in result["ratios"].items() if v is not None),
                           file=sys.stderr, flush=True)

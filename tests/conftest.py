@@ -1,11 +1,13 @@
 """Shared test fixtures: repo root on sys.path, the ../shared fixture, small helpers."""
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+# ../shared beside the clone; CRBL_SHARED_DIR points elsewhere (e.g. a copy on a GPU machine).
+SHARED = Path(os.environ.get("CRBL_SHARED_DIR") or ROOT.parent / "shared")
 FIXTURES = SHARED / "fixtures"
 sys.path.insert(0, str(ROOT))
 

@@ -47,9 +47,19 @@ def test_keras_side_uses_the_same_model(tmp_path):
     assert result["peak_rss_mb"]["keras_inference"] > 100
 
 
+def test_user_weights_are_benchmarked(shared_fixture, tmp_path):
+    """--weights: the Keras fixture, converted at the benchmarked size (64 px, not its 128)."""
+    report = run(tmp_path, "--batch-sizes", "1", "--no-keras", "--no-train", "--no-e2e",
+                 "--weights", str(shared_fixture[0]))
+    (result,) = report["results"]
+    assert result["images_per_s"]["forward"] > 0 and report["settings"]["weights"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--sizes", "16"], "too small"),
     (["--batch-sizes", "0"], ">= 1"),
+    (["--amp"], "--amp needs a CUDA/ROCm GPU"),
+    (["--weights", "missing.weights.h5"], "missing.weights.h5: no such file"),
 ])
 def test_bad_settings_are_one_line_errors(argv, message, tmp_path, capsys):
     assert benchmark_CRBL.main(argv + ["--json", str(tmp_path / "b.json")]) == 2
