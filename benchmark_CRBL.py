@@ -75,7 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--no-train", action="store_true", help="skip the training-step comparison")
     g.add_argument("--no-e2e", action="store_true", help="skip the inference-script run")
     g.add_argument("--compile", action="store_true",
-                   help="also time torch.compile'd backbones (CPU/CUDA; minutes of compiling)")
+                   help="also time CRBL with torch.compile'd backbones, as inference --compile "
+                        "(CPU/CUDA; a minute of compiling per size and batch)")
     g = p.add_argument_group("output")
     g.add_argument("--json", default="benchmark_CRBL.json", help="where to write all results")
     p.add_argument("--worker", choices=["torch", "keras"], help=argparse.SUPPRESS)
@@ -180,8 +181,7 @@ class TorchWorker:
                 m.backbone1(self.x)
                 self.sync(m.backbone2(self.x))
             elif what == "compiled":
-                a, b = self.compiled_backbones()
-                self.sync(m.pool.linear(a, b, m.head.weight, m.head.bias))
+                self.sync(self.compiled_model()(self.x))
             elif what == "forward_n":
                 for chunk in self.e2e_tensors():
                     self.sync(m(chunk))
@@ -194,11 +194,15 @@ class TorchWorker:
             else:
                 raise ValueError(what)
 
-    def compiled_backbones(self):
-        if self.compiled is None:  # compiled on first use: the warm-up rounds pay for it
-            self.compiled = [self.torch.compile(b.body.forward_features)
-                             for b in (self.model.backbone1, self.model.backbone2)]
-        return [c(self.x) for c in self.compiled]
+    def compiled_model(self):
+        """A copy with compiled backbones, as inference --compile runs it; the first call
+        compiles (the warm-up rounds pay for it)."""
+        if self.compiled is None:
+            import copy
+            from model_pytorch_directml import compile_backbones
+            self.compiled = copy.deepcopy(self.model)
+            compile_backbones(self.compiled, self.device.kind)
+        return self.compiled
 
     def e2e_files(self) -> Path:
         """N PNG files in images/, and the first batch of them again in images/one_batch/."""
@@ -525,6 +529,7 @@ def summarise(times: dict, memory: dict, batch: int, n_e2e: int) -> dict:
     ratios = {"forward_vs_backbones": ratio("forward", "backbones"),
               "forward_vs_keras": ratio("forward", "keras_forward"),
               "compiled_vs_forward": ratio("compiled", "forward"),
+              "compiled_vs_keras": ratio("compiled", "keras_forward"),
               "amp_vs_fp32": ratio("forward", "forward_fp32"),
               "e2e_vs_forward": ratio("e2e_steady", "forward_n"),
               "e2e_with_startup_vs_forward": ratio("e2e", "forward_n"),
@@ -564,15 +569,16 @@ def fmt(value, pattern="{:.2f}") -> str:
 
 def table(results: list[dict]) -> str:
     rows = ["| px | batch | CRBL img/s | backbones img/s | CRBL/backbones | Keras img/s | CRBL/Keras "
-            "| e2e/forward (with start-up) | train img/s | Keras train img/s | train/Keras | peak MB inference "
-            "(torch/Keras) |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "| compiled CRBL/Keras | e2e/forward (with start-up) | train img/s | Keras train img/s "
+            "| train/Keras | peak MB inference (torch/Keras) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         ips, rat, mem = r["images_per_s"], r["ratios"], r["peak_rss_mb"]
         rows.append(
             f"| {r['size']} | {r['batch']} | {fmt(ips.get('forward'), '{:.1f}')} "
             f"| {fmt(ips.get('backbones'), '{:.1f}')} | {fmt(rat['forward_vs_backbones'])} "
             f"| {fmt(ips.get('keras_forward'), '{:.1f}')} | {fmt(rat['forward_vs_keras'])} "
+            f"| {fmt(rat['compiled_vs_keras'])} "
             f"| {fmt(rat['e2e_vs_forward'])} ({fmt(rat['e2e_with_startup_vs_forward'])}) "
             f"| {fmt(ips.get('train'), '{:.1f}')} "
             f"| {fmt(ips.get('keras_train'), '{:.1f}')} | {fmt(rat['train_vs_keras_train'])} "

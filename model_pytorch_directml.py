@@ -666,6 +666,21 @@ def place_model(model: CRBLModel, device: str | torch.device) -> CRBLModel:
     return model.set_channels_last(device.type in ("cpu", "cuda"))
 
 
+def compile_backbones(model: CRBLModel, device_kind: str) -> None:
+    """torch.compile both backbones in place, for one fixed input shape (feed full batches).
+
+    Measured on a 2-core CPU, 128 px: the backbones run 1.4x faster at batch 1 and 1.7x at
+    batch 32; compiling costs ~55 s per new shape (~8 s from inductor's on-disk cache). Needs a
+    C++ compiler on CPU and Triton on CUDA/ROCm; torch.compile has no DirectML backend. The
+    compilation happens at the first forward: run one before real work to surface errors.
+    """
+    if device_kind == "dml":
+        raise CRBLError("--compile is not available on DirectML (torch.compile has no DirectML "
+                        "backend); leave it out")
+    for backbone in (model.backbone1, model.backbone2):
+        backbone.compile(dynamic=False)
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> CRBLModel:
     """Rebuild a CRBL model from a checkpoint alone, in eval mode, metadata in `model.meta`."""
     model = model_from_checkpoint(load_checkpoint(path), path)

@@ -348,6 +348,11 @@ def test_config_from_newer_version_is_refused():
         CRBLConfig.from_dict({"image_size": 128, "attention": True})
 
 
+def test_compile_is_refused_on_directml(small_model):
+    with pytest.raises(CRBLError, match="not available on DirectML"):
+        mp.compile_backbones(small_model, "dml")
+
+
 def test_half_precision_backbones_keep_a_float32_head():
     """--fp16 on DirectML stores the backbones in float16; the bilinear head must stay float32
     (its sum over 1280² products overflows float16)."""
