@@ -129,7 +129,7 @@ def peak_rss_mb() -> float | None:
 class TorchWorker:
     def __init__(self, args):
         import torch
-        from model_pytorch_directml import CRBLError, get_device
+        from model_pytorch_directml import CRBLError, fold_batchnorm, get_device
         self.torch, self.args = torch, args
         torch.set_num_threads(args.threads)
         self.device = get_device(args.device)
@@ -138,6 +138,7 @@ class TorchWorker:
         self.amp = args.amp
         self.size, self.batch, self.workdir = args.size, args.batch, Path(args.workdir)
         self.model = self._model()
+        fold_batchnorm(self.model)  # as the inference script runs it; training loads its own
         self.x = self._tensor(make_images(self.batch, self.size, seed=self.batch))
         self.compiled = None
 
@@ -240,9 +241,10 @@ class TorchWorker:
         if not hasattr(self, "optimizer"):
             from model_pytorch_directml import freeze_backbones
             from train_CRBL_pytorch_directml import class_weights_from_prior, crbl_loss
-            freeze_backbones(self.model, "crop")
-            self.model.train()
-            params = [p for p in self.model.parameters() if p.requires_grad]
+            self.train_model = self._model()
+            freeze_backbones(self.train_model, "crop")
+            self.train_model.train()
+            params = [p for p in self.train_model.parameters() if p.requires_grad]
             # The training script's optimiser and loss: AdamW 1e-4 / 1e-6, weighted smoothed BCE.
             self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-6)
             weights = class_weights_from_prior(0.88)
@@ -251,7 +253,7 @@ class TorchWorker:
             self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)  # as the training script
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
-            logits = self.model(self.x)
+            logits = self.train_model(self.x)
         loss = self.loss(logits.float(), self.labels)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)

@@ -27,7 +27,7 @@ from dataset_pytorch_directml import (IMAGE_EXTENSIONS, Sample, TestDataset, aut
                                       compute_metrics, read_manifest, save_metric_plots,
                                       scan_folder, worker_init)
 from model_pytorch_directml import (MODEL_TYPE_THRESHOLDS, CRBLError, compile_backbones,
-                                    get_device, load_model, resolve_threshold)
+                                    fold_batchnorm, get_device, load_model, resolve_threshold)
 
 OUTPUT_COLUMNS = ("image_path", "score", "prediction", "label", "error")
 
@@ -104,8 +104,10 @@ def collect_samples(args) -> list[Sample]:
 
 
 def prepare_model(model, device, fp16: bool) -> str | None:
-    """Half precision where the device has it; returns the mode used, if any. (load_model
-    already chose the memory layout: channels_last except on DirectML.)"""
+    """BatchNorm folded into the convolutions, then half precision where the device has it;
+    returns the half-precision mode used, if any. (load_model already chose the memory layout:
+    channels_last except on DirectML.)"""
+    fold_batchnorm(model)
     if not fp16:
         return None
     if device.kind in ("cuda", "rocm"):

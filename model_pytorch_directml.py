@@ -399,6 +399,7 @@ class CRBLModel(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(NUM_FEATURES * NUM_FEATURES, 1)
         self.channels_last = False
+        self.batchnorm_folded = False
         self.meta: dict[str, Any] = {}
 
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -431,12 +432,53 @@ class CRBLModel(nn.Module):
         return torch.sigmoid(self.forward(x))
 
     def train(self, mode: bool = True) -> "CRBLModel":
+        if mode and self.batchnorm_folded:
+            raise CRBLError("this model's BatchNorm layers were folded into its convolutions for "
+                            "inference; load the checkpoint again to train it")
         super().train(mode)
         # Keras runs a BatchNormalization with trainable=False in inference mode even inside
         # fit(): frozen BN must use (and keep) its moving statistics.
         for m in frozen_batchnorms(self):
             m.eval()
         return self
+
+
+# Which convolution feeds which BatchNorm, per timm EfficientNet module class.
+_CONV_BN_PAIRS = {
+    "EfficientNet": (("conv_stem", "bn1"), ("conv_head", "bn2")),
+    "DepthwiseSeparableConv": (("conv_dw", "bn1"), ("conv_pw", "bn2")),
+    "InvertedResidual": (("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3")),
+}
+
+
+@torch.no_grad()
+def fold_batchnorm(model: CRBLModel) -> int:
+    """Inference only: fold every eval-mode BatchNorm into the convolution before it, in place
+    (w' = w·γ/√(var+eps), b' = β − mean·γ/√(var+eps), in float64), leaving its activation.
+
+    98 fewer passes over the activations per image: ~5-10% faster on CPU (2 cores), same
+    result to float32 rounding. Returns the number of BatchNorms folded. The model can no
+    longer be trained or saved (load the checkpoint again for that).
+    """
+    folded = 0
+    for module in model.modules():
+        for conv_name, bn_name in _CONV_BN_PAIRS.get(type(module).__name__, ()):
+            conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
+                    and bn.track_running_stats and bn.affine):
+                continue
+            f64 = lambda t: t.detach().cpu().double()  # noqa: E731 (DirectML has no float64)
+            scale = f64(bn.weight) / torch.sqrt(f64(bn.running_var) + bn.eps)
+            shift = f64(bn.bias) - f64(bn.running_mean) * scale
+            bias = shift if conv.bias is None else f64(conv.bias) * scale + shift
+            conv.weight.copy_(f64(conv.weight) * scale.view(-1, 1, 1, 1))
+            conv.bias = nn.Parameter(bias.to(conv.weight), requires_grad=False)
+            rest = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None))
+                    if m is not None and not isinstance(m, nn.Identity)]
+            setattr(module, bn_name, nn.Sequential(*rest))  # empty Sequential = identity
+            folded += 1
+    model.batchnorm_folded = model.batchnorm_folded or folded > 0
+    return folded
 
 
 def frozen_batchnorms(model: nn.Module) -> Iterable[nn.BatchNorm2d]:
@@ -597,6 +639,9 @@ def save_checkpoint(path: str | os.PathLike, model: CRBLModel, *, threshold: flo
     Tensors are moved to CPU first (DirectML tensors cannot be loaded back directly).
     `extra` holds training state (optimizer, scheduler, epoch, ...), all weights_only-safe.
     """
+    if getattr(model, "batchnorm_folded", False):
+        raise CRBLError(f"cannot save {path}: this model's BatchNorm layers were folded for "
+                        "inference; save the model as loaded or trained instead")
     payload = {
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_VERSION,

@@ -144,7 +144,7 @@ def test_mixed_folder_one_row_per_file_and_clean_scores(checkpoint, tmp_path, ca
         else:
             assert row["error"] == "" and clean[name]["score"] != ""
             # Batches differ (bad files drop out), so allow float32 noise of other batch shapes.
-            assert float(row["score"]) == pytest.approx(float(clean[name]["score"]), abs=1e-6)
+            assert float(row["score"]) == pytest.approx(float(clean[name]["score"]), abs=1e-5)
             assert row["prediction"] == str(int(float(row["score"]) >= 0.42))
     assert len({r["score"] for r in clean.values()}) == len(GOOD)  # scores really differ
 

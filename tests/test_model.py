@@ -348,6 +348,29 @@ def test_config_from_newer_version_is_refused():
         CRBLConfig.from_dict({"image_size": 128, "attention": True})
 
 
+def test_folded_batchnorm_gives_the_same_logits_and_cannot_train(tmp_path):
+    torch.manual_seed(5)
+    model = CRBLModel(CRBLConfig(image_size=64)).set_channels_last(True).eval()
+    with torch.no_grad():  # BN statistics far from identity, so a wrong fold shows
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.2, 0.2)
+        model.head.weight.mul_(3000)
+    x = torch.rand(3, 3, 64, 64)
+    with torch.inference_mode():
+        before = model(x)
+    assert mp.fold_batchnorm(model) == 98  # 49 per EfficientNetB0: every one of them
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    with torch.inference_mode():
+        after = model(x)
+    assert before.abs().max() > 0.1 and (after - before).abs().max() < 1e-5
+    with pytest.raises(CRBLError, match="folded .* load the checkpoint again"):
+        model.train()
+    with pytest.raises(CRBLError, match="folded for inference"):
+        save_checkpoint(tmp_path / "folded.pth", model)
+    assert not (tmp_path / "folded.pth").exists()
+
+
 def test_compile_is_refused_on_directml(small_model):
     with pytest.raises(CRBLError, match="not available on DirectML"):
         mp.compile_backbones(small_model, "dml")
