@@ -87,6 +87,40 @@ def test_training_head_equals_keras_at_full_width(chunking):
         assert torch.allclose(x, y, atol=1e-9)
 
 
+@pytest.mark.parametrize("p", [0.5, 0.3])
+def test_fused_dropout_head_equals_dropout_then_linear(p, monkeypatch):
+    """Training head = Linear(Dropout(p)(z)) with the same mask: values and all gradients."""
+    torch.manual_seed(6)
+    z = torch.randn(3, 50, dtype=torch.double, requires_grad=True)
+    weight = torch.randn(1, 50, dtype=torch.double, requires_grad=True)
+    bias = torch.randn(1, dtype=torch.double, requires_grad=True)
+    masks = []
+    keep = mp._keep_mask
+    monkeypatch.setattr(mp, "_keep_mask", lambda *a: masks.append(keep(*a)) or masks[-1])
+    ours = mp._DropoutLinear1.apply(z, weight, bias, p)
+    mask = masks[0].double()
+    ref = torch.nn.functional.linear(z * mask / (1 - p), weight, bias)
+    assert torch.allclose(ours, ref, atol=1e-12)
+    g = torch.randn(3, 1, dtype=torch.double)
+    for x, y in zip(torch.autograd.grad((ours * g).sum(), (z, weight, bias)),
+                    torch.autograd.grad((ref * g).sum(), (z, weight, bias))):
+        assert torch.allclose(x, y, atol=1e-12)
+    assert 0 < mask.mean() < 1  # a real mask, not all kept or all dropped
+
+
+@pytest.mark.parametrize("p", [0.5, 0.2])
+def test_dropout_keep_mask_is_unbiased_and_seeded(p):
+    torch.manual_seed(7)
+    mask = mp._keep_mask(4, 100_003, p, torch.device("cpu"))
+    assert mask.shape == (4, 100_003) and mask.dtype == torch.uint8 and mask.max() == 1
+    assert abs(mask.double().mean().item() - (1 - p)) < 0.005
+    # every bit position of the random bytes is used (no stuck bit in the p = 0.5 path)
+    per_position = mask[:, :100_000].reshape(4, -1, 8).double().mean(dim=(0, 1))
+    assert (per_position - (1 - p)).abs().max() < 0.01
+    torch.manual_seed(7)
+    assert torch.equal(mask, mp._keep_mask(4, 100_003, p, torch.device("cpu")))
+
+
 @pytest.fixture(scope="module")
 def small_model():
     torch.manual_seed(0)
