@@ -200,9 +200,9 @@ class TorchWorker:
         compiles (the warm-up rounds pay for it)."""
         if self.compiled is None:
             import copy
-            from model_pytorch_directml import compile_backbones
+            from model_pytorch_directml import compile_for_inference
             self.compiled = copy.deepcopy(self.model)
-            compile_backbones(self.compiled, self.device.kind)
+            compile_for_inference(self.compiled, self.device.kind)
         return self.compiled
 
     def e2e_files(self) -> Path:
@@ -476,10 +476,13 @@ def measure(torch_w: Worker, keras: Worker | None, args, result: dict, checkpoin
         inference["compiled"] = (torch_w, "compiled")
     if args.amp:
         inference["forward_fp32"] = (torch_w, "forward_fp32")
-    times = interleaved(inference, args.warmup, args.repeats)
+    # Peak memory of plain inference: one forward each, before torch.compile's compiler runs.
+    for worker in (torch_w, keras) if keras else (torch_w,):
+        worker.ask("forward")
     answer = torch_w.ask("memory")
     memory = {"torch_inference": answer["peak_rss_mb"], "torch_gpu_inference": answer["peak_gpu_mb"],
               "keras_inference": keras.ask("memory")["peak_rss_mb"] if keras else None}
+    times = interleaved(inference, args.warmup, args.repeats)
     # Parity checks, before any training step changes the weights.
     probs = torch_w.ask("probs")["value"]
     if keras and not args.weights:

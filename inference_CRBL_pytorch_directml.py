@@ -26,8 +26,9 @@ from torch.utils.data import DataLoader
 from dataset_pytorch_directml import (IMAGE_EXTENSIONS, Sample, TestDataset, auto_workers,
                                       compute_metrics, read_manifest, save_metric_plots,
                                       scan_folder, worker_init)
-from model_pytorch_directml import (MODEL_TYPE_THRESHOLDS, CRBLError, compile_backbones,
-                                    fold_batchnorm, get_device, load_model, resolve_threshold)
+from model_pytorch_directml import (MODEL_TYPE_THRESHOLDS, CRBLError, compile_for_inference,
+                                    fold_batchnorm, get_device, load_model,
+                                    resolve_threshold)
 
 OUTPUT_COLUMNS = ("image_path", "score", "prediction", "label", "error")
 
@@ -139,7 +140,7 @@ def forward_logits(model, x: torch.Tensor, half_mode: str | None, pad_to: int = 
 def compile_model(model, device, half_mode: str | None, batch_size: int) -> int:
     """--compile: compile now, on a black batch, so a missing compiler stops before any output.
     Returns the compiled batch size, which every forward is padded to."""
-    compile_backbones(model, device.kind)
+    compile_for_inference(model, device.kind)
     size = model.config.image_size
     start = time.perf_counter()
     try:
@@ -151,7 +152,7 @@ def compile_model(model, device, half_mode: str | None, batch_size: int) -> int:
         raise CRBLError(f"--compile failed on {device.kind} ({type(exc).__name__}: {reason}); "
                         "torch.compile needs a C++ compiler on CPU and Triton on CUDA/ROCm: "
                         "install one or leave --compile out") from None
-    print(f"compiled the backbones for batches of {batch_size} in {time.perf_counter() - start:.0f} s")
+    print(f"compiled the backbones and head for batches of {batch_size} in {time.perf_counter() - start:.0f} s")
     return batch_size
 
 

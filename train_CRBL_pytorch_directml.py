@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--amp", action="store_true", help="mixed precision on CUDA/ROCm "
                      "(ignored on DirectML and CPU)")
     run.add_argument("--workers", type=int, default=-1, help="DataLoader processes; -1 = auto: "
-                     "min(4, cores - 1) for a GPU, cores // 8 on CPU. Results do not depend on it")
+                     "min(8, cores - 1) for a GPU, min(4, cores // 8) on CPU. Results do not "
+                     "depend on it")
     run.add_argument("--seed", type=int, default=42)
     run.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     return parser

@@ -95,7 +95,7 @@ def test_compiled_backbones_match_keras_with_padded_batches(shared_fixture, tmp_
     out = tmp_path / "preds.csv"
     assert run("--weights", tmp_path / "crbl.pth", "--input", tmp_path / "imgs", "--output", out,
                "--batch-size", 3, "--workers", 0, "--compile") == 0
-    assert "compiled the backbones for batches of 3" in capsys.readouterr().out
+    assert "compiled the backbones and head for batches of 3" in capsys.readouterr().out
     rows = read_rows(out)
     assert rows[-1]["image_path"] == "9_bad.png" and "not an image" in rows[-1]["error"]
     scores = np.array([float(r["score"]) for r in rows[:-1]])
@@ -107,7 +107,7 @@ def test_compile_failure_is_one_line_error_before_any_output(checkpoint, tmp_pat
         def fail(x):
             raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n(traceback...)")
         model.backbone1.forward = fail
-    monkeypatch.setattr(inference, "compile_backbones", broken_compile)
+    monkeypatch.setattr(inference, "compile_for_inference", broken_compile)
     write_images(tmp_path / "imgs", ["a.png"])
     out = tmp_path / "preds.csv"
     assert run("--weights", checkpoint, "--input", tmp_path / "imgs", "--output", out, "--compile") == 2

@@ -407,7 +407,7 @@ def test_folded_batchnorm_gives_the_same_logits_and_cannot_train(tmp_path):
 
 def test_compile_is_refused_on_directml(small_model):
     with pytest.raises(CRBLError, match="not available on DirectML"):
-        mp.compile_backbones(small_model, "dml")
+        mp.compile_for_inference(small_model, "dml")
 
 
 def test_half_precision_backbones_keep_a_float32_head():
