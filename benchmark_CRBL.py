@@ -187,9 +187,9 @@ class TorchWorker:
                 for chunk in self.e2e_tensors():
                     self.sync(m(chunk))
             elif what == "e2e":
-                self.end_to_end(self.e2e_files())
+                self.end_to_end(self.e2e_files(), self.args.e2e_images)
             elif what == "e2e_one_batch":  # start-up and first-batch latency
-                self.end_to_end(self.e2e_files() / "one_batch")
+                self.end_to_end(self.workdir / "one_batch", self.batch)
             elif what in ("probs", "probs_amp"):
                 return torch.sigmoid(m(self.x).float()).flatten().tolist()
             else:
@@ -206,15 +206,17 @@ class TorchWorker:
         return self.compiled
 
     def e2e_files(self) -> Path:
-        """N PNG files in images/, and the first batch of them again in images/one_batch/."""
+        """N PNG files in images/, and the first batch of them again in one_batch/ (a sibling:
+        the script scans folders recursively, so a subfolder would be scored in the N run)."""
         folder = self.workdir / "images"
         if not folder.is_dir():
             from PIL import Image
-            (folder / "one_batch").mkdir(parents=True)
+            for sub in (folder, self.workdir / "one_batch"):
+                sub.mkdir(parents=True)
             # Files twice the model size, like larger photos: decoding and resizing are timed.
             for i, img in enumerate(make_images(self.args.e2e_images, 2 * self.size, seed=7)):
-                for sub in ("", "one_batch") if i < self.batch else ("",):
-                    Image.fromarray((img * 255).astype(np.uint8)).save(folder / sub / f"{i:05d}.png")
+                for sub in (folder, self.workdir / "one_batch") if i < self.batch else (folder,):
+                    Image.fromarray((img * 255).astype(np.uint8)).save(sub / f"{i:05d}.png")
         return folder
 
     def e2e_tensors(self):
@@ -226,15 +228,18 @@ class TorchWorker:
             self._e2e_x = [self._tensor(x[i:i + self.batch]) for i in range(0, len(x), self.batch)]
         return self._e2e_x
 
-    def end_to_end(self, folder: Path) -> None:
+    def end_to_end(self, folder: Path, expected_images: int) -> None:
         import inference_CRBL_pytorch_directml as inference
-        code = inference.main(["--weights", str(self.checkpoint),
-                               "--input", str(folder),
-                               "--output", str(self.workdir / "predictions.csv"),
-                               "--device", self.args.device, "--batch-size", str(self.batch),
-                               "--no-progress"] + (["--fp16"] if self.amp else []))
+        output = self.workdir / "predictions.csv"
+        code = inference.main(["--weights", str(self.checkpoint), "--input", str(folder),
+                               "--output", str(output), "--device", self.args.device,
+                               "--batch-size", str(self.batch), "--no-progress"]
+                              + (["--fp16"] if self.amp else []))
         if code != 0:
             raise RuntimeError(f"inference script exited with {code}")
+        rows = len(output.read_text(encoding="utf-8-sig").splitlines()) - 1  # minus the header
+        if rows != expected_images:  # the images/s figures assume exactly this many
+            raise RuntimeError(f"the inference script scored {rows} images, expected {expected_images}")
 
     def train_step(self) -> None:
         torch = self.torch
