@@ -60,9 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     runtime.add_argument("--fp16", action="store_true", help="half-precision backbones on CUDA/"
                          "ROCm/DirectML (bilinear pooling and head stay float32)")
     runtime.add_argument("--compile", action="store_true", help="torch.compile the backbones "
-                         "(CPU: 1.4-1.7x faster, needs a C++ compiler; CUDA: needs Triton; not "
-                         "DirectML). Costs ~1 min of compiling first (~10 s when cached): for "
-                         "large jobs")
+                         "and head (2-core CPU: model 1.1-1.4x faster; needs a C++ compiler; "
+                         "CUDA: needs Triton; not DirectML). Costs ~1 min of compiling first "
+                         "(~10 s when cached): for large jobs")
     runtime.add_argument("--strict", action="store_true", help="exit with status 1 when any "
                          "image could not be scored")
     runtime.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -152,7 +152,8 @@ def compile_model(model, device, half_mode: str | None, batch_size: int) -> int:
         raise CRBLError(f"--compile failed on {device.kind} ({type(exc).__name__}: {reason}); "
                         "torch.compile needs a C++ compiler on CPU and Triton on CUDA/ROCm: "
                         "install one or leave --compile out") from None
-    print(f"compiled the backbones and head for batches of {batch_size} in {time.perf_counter() - start:.0f} s")
+    seconds = time.perf_counter() - start
+    print(f"compiled the backbones and head for batches of {batch_size} in {seconds:.0f} s")
     return batch_size
 
 

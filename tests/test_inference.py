@@ -83,7 +83,7 @@ def test_fixture_scores_match_keras(shared_fixture, tmp_path):
     np.testing.assert_allclose(scores, ref["prob"][:, 0], atol=1e-4, rtol=0)
 
 
-def test_compiled_backbones_match_keras_with_padded_batches(shared_fixture, tmp_path, capsys):
+def test_compiled_model_matches_keras_with_padded_batches(shared_fixture, tmp_path, capsys):
     """--compile on CPU: one batch shape; the short last batch (and a bad file) are padded."""
     h5, ref_path = shared_fixture
     ref = np.load(ref_path)
@@ -102,7 +102,8 @@ def test_compiled_backbones_match_keras_with_padded_batches(shared_fixture, tmp_
     np.testing.assert_allclose(scores, ref["prob"][:, 0], atol=1e-4, rtol=0)
 
 
-def test_compile_failure_is_one_line_error_before_any_output(checkpoint, tmp_path, monkeypatch, capsys):
+def test_compile_failure_is_one_line_error_before_any_output(checkpoint, tmp_path, monkeypatch,
+                                                             capsys):
     def broken_compile(model, device_kind):
         def fail(x):
             raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n(traceback...)")
