@@ -20,3 +20,26 @@ def shared_fixture():
     if not (h5.is_file() and ref.is_file()):
         pytest.skip("../shared/fixtures not present (only CI and developers have it)")
     return h5, ref
+
+
+@pytest.fixture
+def converted_fixture(shared_fixture, tmp_path):
+    """The Keras fixture converted at 128 px: (checkpoint path, its 8 images uint8 NHWC, Keras
+    probabilities)."""
+    import numpy as np
+    from convert_h5_to_pth import convert
+    h5, ref_path = shared_fixture
+    convert(h5, tmp_path / "crbl.pth", image_size=128)
+    ref = np.load(ref_path)
+    return tmp_path / "crbl.pth", ref["images_uint8"], ref["prob"][:, 0]
+
+
+@pytest.fixture
+def fixture_pngs(converted_fixture, tmp_path):
+    """converted_fixture plus its images saved as imgs/0.png ... imgs/7.png."""
+    from PIL import Image
+    pth, images, probs = converted_fixture
+    (tmp_path / "imgs").mkdir()
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(tmp_path / "imgs" / f"{i}.png")
+    return pth, tmp_path / "imgs", probs

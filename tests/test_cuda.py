@@ -8,12 +8,10 @@ import csv
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import inference_CRBL_pytorch_directml as inference
 import model_pytorch_directml as M
 import train_CRBL_pytorch_directml as train_script
-from convert_h5_to_pth import convert
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA/ROCm GPU")
 
@@ -24,16 +22,8 @@ def probs(model, images_uint8: np.ndarray, device, amp: bool = False) -> np.ndar
         return torch.sigmoid(model(x)).float().flatten().cpu().numpy()
 
 
-@pytest.fixture
-def fixture_model(shared_fixture, tmp_path):
-    h5, ref_path = shared_fixture
-    convert(h5, tmp_path / "crbl.pth", image_size=128)
-    ref = np.load(ref_path)
-    return tmp_path / "crbl.pth", ref["images_uint8"], ref["prob"][:, 0]
-
-
-def test_gpu_float32_matches_cpu_and_keras(fixture_model):
-    pth, images, keras = fixture_model
+def test_gpu_float32_matches_cpu_and_keras(converted_fixture):
+    pth, images, keras = converted_fixture
     device = M.get_device("cuda")
     cpu = probs(M.load_model(pth, "cpu"), images, "cpu")
     model = M.load_model(pth, device.device)
@@ -70,12 +60,12 @@ def training_step(pth, device: str, dtype: torch.dtype, images: np.ndarray) -> l
     return [loss.detach().cpu()] + [p.grad.double().cpu() for p in params]
 
 
-def test_gpu_training_step_matches_cpu(fixture_model):
+def test_gpu_training_step_matches_cpu(converted_fixture):
     """Loss and head gradient: GPU within 1e-4 of the CPU. Backbone gradients pass through the
     signed square root, whose derivative 1/(2·sqrt(|phi| + 1e-12)) magnifies rounding near
     phi = 0 on any device (CPU float32 is ~10% off float64 there): the GPU must be no further
     from a float64 reference than the CPU's own float32."""
-    pth, images, _ = fixture_model
+    pth, images, _ = converted_fixture
     ref = training_step(pth, "cpu", torch.float64, images)
     cpu = training_step(pth, "cpu", torch.float32, images)
     gpu = training_step(pth, "cuda", torch.float32, images)
@@ -105,14 +95,11 @@ def test_demo_trains_with_amp_and_inference_runs_fp16(tmp_path, capsys):
     assert rows and all(r["score"] and not r["error"] for r in rows)
 
 
-def test_fixture_pngs_through_the_script_on_gpu(fixture_model, tmp_path):
-    pth, images, keras = fixture_model
-    (tmp_path / "imgs").mkdir()
-    for i, img in enumerate(images):
-        Image.fromarray(img).save(tmp_path / "imgs" / f"{i}.png")
+def test_fixture_pngs_through_the_script_on_gpu(fixture_pngs, tmp_path):
+    pth, imgs, keras = fixture_pngs
     for extra, tolerance in (([], 1e-4), (["--fp16"], 2e-2)):
         out = tmp_path / f"preds{len(extra)}.csv"
-        assert inference.main(["--weights", str(pth), "--input", str(tmp_path / "imgs"),
+        assert inference.main(["--weights", str(pth), "--input", str(imgs),
                                "--output", str(out), "--device", "cuda", "--batch-size", "4",
                                "--no-progress", *extra]) == 0
         with open(out, newline="", encoding="utf-8-sig") as f:

@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 import inference_CRBL_pytorch_directml as inference
-from convert_h5_to_pth import convert
 from model_pytorch_directml import CRBLConfig, CRBLModel, save_checkpoint
 
 SIZE = 64  # small model input keeps CPU runs at a few seconds
@@ -67,39 +66,29 @@ def make_bad_files(folder):
             "photo.heic": "cannot read", "bomb.png": "decompression bomb"}
 
 
-def test_fixture_scores_match_keras(shared_fixture, tmp_path):
-    h5, ref_path = shared_fixture
-    ref = np.load(ref_path)
-    convert(h5, tmp_path / "crbl.pth", image_size=128)
-    (tmp_path / "imgs").mkdir()
-    for i, img in enumerate(ref["images_uint8"]):
-        Image.fromarray(img).save(tmp_path / "imgs" / f"{i}.png")
+def test_fixture_scores_match_keras(fixture_pngs, tmp_path):
+    pth, imgs, keras = fixture_pngs
     out = tmp_path / "preds.csv"
-    assert run("--weights", tmp_path / "crbl.pth", "--input", tmp_path / "imgs", "--output", out,
+    assert run("--weights", pth, "--input", imgs, "--output", out,
                "--batch-size", 4, "--workers", 2) == 0
     rows = read_rows(out)
-    assert [r["image_path"] for r in rows] == [f"{i}.png" for i in range(len(ref["prob"]))]
+    assert [r["image_path"] for r in rows] == [f"{i}.png" for i in range(len(keras))]
     scores = np.array([float(r["score"]) for r in rows])
-    np.testing.assert_allclose(scores, ref["prob"][:, 0], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(scores, keras, atol=1e-4, rtol=0)
 
 
-def test_compiled_model_matches_keras_with_padded_batches(shared_fixture, tmp_path, capsys):
+def test_compiled_model_matches_keras_with_padded_batches(fixture_pngs, tmp_path, capsys):
     """--compile on CPU: one batch shape; the short last batch (and a bad file) are padded."""
-    h5, ref_path = shared_fixture
-    ref = np.load(ref_path)
-    convert(h5, tmp_path / "crbl.pth", image_size=128)
-    (tmp_path / "imgs").mkdir()
-    for i, img in enumerate(ref["images_uint8"]):
-        Image.fromarray(img).save(tmp_path / "imgs" / f"{i}.png")
-    (tmp_path / "imgs" / "9_bad.png").write_text("not an image")
+    pth, imgs, keras = fixture_pngs
+    (imgs / "9_bad.png").write_text("not an image")
     out = tmp_path / "preds.csv"
-    assert run("--weights", tmp_path / "crbl.pth", "--input", tmp_path / "imgs", "--output", out,
+    assert run("--weights", pth, "--input", imgs, "--output", out,
                "--batch-size", 3, "--workers", 0, "--compile") == 0
     assert "compiled the backbones and head for batches of 3" in capsys.readouterr().out
     rows = read_rows(out)
     assert rows[-1]["image_path"] == "9_bad.png" and "not an image" in rows[-1]["error"]
     scores = np.array([float(r["score"]) for r in rows[:-1]])
-    np.testing.assert_allclose(scores, ref["prob"][:, 0], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(scores, keras, atol=1e-4, rtol=0)
 
 
 def test_compile_failure_is_one_line_error_before_any_output(checkpoint, tmp_path, monkeypatch,
