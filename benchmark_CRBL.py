@@ -112,6 +112,11 @@ def make_images(n: int, size: int, seed: int) -> np.ndarray:
     return np.ascontiguousarray(coarse[:, idx][:, :, idx])
 
 
+def batch_images(size: int, batch: int) -> np.ndarray:
+    """The timed batch: the same images in the PyTorch and Keras workers and the CPU reference."""
+    return make_images(batch, size, seed=batch)
+
+
 def peak_rss_mb() -> float | None:
     """This process's resident-set high-water mark so far (MB), where the OS tells it."""
     try:
@@ -139,7 +144,7 @@ class TorchWorker:
         self.size, self.batch, self.workdir = args.size, args.batch, Path(args.workdir)
         self.model = self._model()
         fold_batchnorm(self.model)  # as the inference script runs it; training loads its own
-        self.x = self._tensor(make_images(self.batch, self.size, seed=self.batch))
+        self.x = self._tensor(batch_images(self.size, self.batch))
         self.compiled = None
 
     def _model(self):
@@ -301,7 +306,7 @@ class KerasWorker:
         self.model.compile(optimizer=keras.optimizers.Adam(1e-4, weight_decay=1e-6),
                            loss=keras.losses.BinaryCrossentropy(label_smoothing=0.125))
         self.infer = tf.function(lambda x: self.model(x, training=False))
-        self.x = tf.constant(make_images(args.batch, args.size, seed=args.batch))
+        self.x = tf.constant(batch_images(args.size, args.batch))
         self.y = tf.constant((np.arange(args.batch) % 2).astype("float32")[:, None])
         c0 = 0.88
         self.class_weight = {0: 1 / (2 * c0), 1: 1 / (2 * (1 - c0))}  # the original's weights
@@ -518,7 +523,7 @@ def cpu_probs(checkpoint: Path, size: int, batch: int) -> list[float]:
     """The benchmark batch through the same checkpoint on the CPU (float32): the GPU's reference."""
     import torch
     from model_pytorch_directml import load_model
-    x = torch.from_numpy(make_images(batch, size, seed=batch)).permute(0, 3, 1, 2)
+    x = torch.from_numpy(batch_images(size, batch)).permute(0, 3, 1, 2)
     with torch.inference_mode():
         return torch.sigmoid(load_model(checkpoint, "cpu")(x)).flatten().tolist()
 

@@ -533,6 +533,10 @@ _CONV_BN_PAIRS = {
 }
 
 
+def _cpu_f64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu().double()  # on the CPU: DirectML has no float64
+
+
 @torch.no_grad()
 def fold_batchnorm(model: CRBLModel) -> int:
     """Inference only: fold every eval-mode BatchNorm into the convolution before it, in place
@@ -551,11 +555,10 @@ def fold_batchnorm(model: CRBLModel) -> int:
             if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
                     and bn.track_running_stats and bn.affine):
                 continue
-            f64 = lambda t: t.detach().cpu().double()  # noqa: E731 (DirectML has no float64)
-            scale = f64(bn.weight) / torch.sqrt(f64(bn.running_var) + bn.eps)
-            shift = f64(bn.bias) - f64(bn.running_mean) * scale
-            bias = shift if conv.bias is None else f64(conv.bias) * scale + shift
-            conv.weight.copy_(f64(conv.weight) * scale.view(-1, 1, 1, 1))
+            scale = _cpu_f64(bn.weight) / torch.sqrt(_cpu_f64(bn.running_var) + bn.eps)
+            shift = _cpu_f64(bn.bias) - _cpu_f64(bn.running_mean) * scale
+            bias = shift if conv.bias is None else _cpu_f64(conv.bias) * scale + shift
+            conv.weight.copy_(_cpu_f64(conv.weight) * scale.view(-1, 1, 1, 1))
             conv.bias = nn.Parameter(bias.to(conv.weight), requires_grad=False)
             rest = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None))
                     if m is not None and not isinstance(m, nn.Identity)]
