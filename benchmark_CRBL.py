@@ -71,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("measurement")
     g.add_argument("--repeats", type=int, default=5, help="timed rounds per variant (median reported)")
     g.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    g.add_argument("--min-time", type=float, default=0.5,
+                   help="a timed sample repeats a call faster than this (seconds, measured in the "
+                        "warm-up) and reports the mean: one 30 ms batch-1 forward is mostly noise")
     g.add_argument("--no-keras", action="store_true", help="skip the Keras comparison")
     g.add_argument("--no-train", action="store_true", help="skip the training-step comparison")
     g.add_argument("--no-e2e", action="store_true", help="skip the inference-script run")
@@ -91,8 +94,10 @@ def check_args(args) -> None:
     from model_pytorch_directml import CRBLError
     if min(args.sizes) < 32:
         raise CRBLError(f"--sizes {min(args.sizes)} is too small; EfficientNetB0 needs >= 32 px")
-    if min(args.batch_sizes) < 1 or args.threads < 1 or args.repeats < 1 or args.warmup < 0:
-        raise CRBLError("--batch-sizes, --threads and --repeats must be >= 1, --warmup >= 0")
+    if (min(args.batch_sizes) < 1 or args.threads < 1 or args.repeats < 1 or args.warmup < 0
+            or args.min_time < 0):
+        raise CRBLError("--batch-sizes, --threads and --repeats must be >= 1, --warmup and "
+                        "--min-time >= 0")
     if args.amp and args.device.split(":")[0] in ("cpu", "dml", "directml"):
         raise CRBLError(f"--amp needs a CUDA/ROCm GPU (float16 autocast); --device {args.device} "
                         "runs float32: leave --amp out")
@@ -101,7 +106,7 @@ def check_args(args) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Workers (separate processes): one timed call per request line
+# Workers (separate processes): one timed sample per request line ("what" or "what xN")
 # --------------------------------------------------------------------------------------------
 
 def make_images(n: int, size: int, seed: int) -> np.ndarray:
@@ -159,8 +164,11 @@ class TorchWorker:
 
     def ready(self) -> dict:
         import torch
+        from model_pytorch_directml import keep_freed_memory
         return {"device": str(self.device), "torch": torch.__version__, "amp": self.amp,
-                "threads": torch.get_num_threads(), "channels_last": self.model.channels_last}
+                "threads": torch.get_num_threads(), "channels_last": self.model.channels_last,
+                # get_device("cpu") set it; asking again only reports whether it took
+                "keep_freed_memory": keep_freed_memory() if self.device.kind == "cpu" else None}
 
     @property
     def peak_gpu_mb(self) -> float | None:
@@ -353,9 +361,12 @@ def serve(args) -> int:
         if what == "memory":
             send({"peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": getattr(worker, "peak_gpu_mb", None)})
             continue
+        what, _, calls = what.partition(" x")
+        calls = int(calls or 1)
         start = time.perf_counter()
-        value = worker.run(what)
-        send({"seconds": time.perf_counter() - start, "value": value})
+        for _ in range(calls):
+            value = worker.run(what)
+        send({"seconds": (time.perf_counter() - start) / calls, "value": value})
     return 0
 
 
@@ -411,16 +422,20 @@ class Worker:
         self.proc.wait(timeout=60)
 
 
-def interleaved(variants: dict[str, tuple[Worker, str]], warmup: int, repeats: int
-                ) -> dict[str, list[float]]:
-    """Seconds per call of each variant: rounds of one call each, order rotated every round."""
+def interleaved(variants: dict[str, tuple[Worker, str]], warmup: int, repeats: int,
+                min_time: float = 0.0) -> dict[str, list[float]]:
+    """Seconds per call of each variant: rounds of one sample each, order rotated every round.
+    A sample repeats a call that the warm-up found faster than min_time, and is the mean."""
     names = list(variants)
     times: dict[str, list[float]] = {name: [] for name in names}
+    calls = dict.fromkeys(names, 1)
     for r in range(warmup + repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
             worker, request = variants[name]
-            seconds = worker.ask(request)["seconds"]
-            if r >= warmup:
+            seconds = worker.ask(f"{request} x{calls[name]}")["seconds"]
+            if r < warmup:
+                calls[name] = max(1, min(100, round(min_time / max(seconds, 1e-6))))
+            else:
                 times[name].append(seconds)
     return times
 
@@ -492,7 +507,7 @@ def measure(torch_w: Worker, keras: Worker | None, args, result: dict, checkpoin
     answer = torch_w.ask("memory")
     memory = {"torch_inference": answer["peak_rss_mb"], "torch_gpu_inference": answer["peak_gpu_mb"],
               "keras_inference": keras.ask("memory")["peak_rss_mb"] if keras else None}
-    times = interleaved(inference, args.warmup, args.repeats)
+    times = interleaved(inference, args.warmup, args.repeats, args.min_time)
     # Parity checks, before any training step changes the weights.
     probs = torch_w.ask("probs")["value"]
     if keras and not args.weights:
@@ -511,7 +526,7 @@ def measure(torch_w: Worker, keras: Worker | None, args, result: dict, checkpoin
         train = {"train": (torch_w, "train")}
         if keras:
             train["keras_train"] = (keras, "train")
-        times.update(interleaved(train, args.warmup, args.repeats))
+        times.update(interleaved(train, args.warmup, args.repeats, args.min_time))
         answer = torch_w.ask("memory")
         memory["torch_after_train"], memory["torch_gpu_after_train"] = (answer["peak_rss_mb"],
                                                                         answer["peak_gpu_mb"])

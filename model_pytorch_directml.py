@@ -14,10 +14,12 @@ helper), get_device (DirectML > CUDA/ROCm > CPU) and checkpoint save/load.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import math
 import os
 import pickle
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -659,8 +661,35 @@ def _cuda(index: int) -> DeviceInfo:
     return DeviceInfo(device, kind, torch.cuda.get_device_name(index))
 
 
+KEEP_FREED_MEMORY_ENV = "CRBL_KEEP_FREED_MEMORY"
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc <malloc.h> mallopt parameters
+
+
+def keep_freed_memory() -> bool:
+    """Linux/glibc: keep freed memory in the process instead of handing it back to the kernel.
+
+    glibc serves large blocks (above a threshold floating between 128 KB and 32 MB) with a fresh
+    mmap() and trims the heap on free(), so every batch's activations land on new pages that the
+    kernel must zero and fault in, 4 KB at a time (1.7 GB of faults per forward at 224 px batch 32;
+    costly, above all in a VM). With mmap off and no trimming, a batch reuses the last one's pages.
+    Measured on 2 cores: forward at 224 px batch 32 1.9-2.1 -> 1.0-1.2 s, training step at 128 px
+    batch 32 2.6-3.0 -> 1.7-2.0 s; batch 1 is unchanged (nothing faults there). The cost: the process keeps
+    its peak heap until it exits, as GPU caching allocators do. CRBL_KEEP_FREED_MEMORY=0 opts out;
+    a preloaded jemalloc or tcmalloc simply ignores it. Returns whether the settings took.
+    """
+    if os.environ.get(KEEP_FREED_MEMORY_ENV, "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # no mallopt: not glibc
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
+
+
 def _cpu(index: int = 0) -> DeviceInfo:
     import platform
+    keep_freed_memory()
     return DeviceInfo(torch.device("cpu"), "cpu", platform.processor() or platform.machine())
 
 

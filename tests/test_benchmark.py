@@ -66,3 +66,28 @@ def test_bad_settings_are_one_line_errors(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "b.json").exists()
+
+
+class _FakeWorker:
+    """Answers every request as if one call took `per_call` seconds; records the requests."""
+
+    def __init__(self, per_call: float):
+        self.per_call, self.requests = per_call, []
+
+    def ask(self, request: str) -> dict:
+        self.requests.append(request)
+        return {"seconds": self.per_call}
+
+
+def test_interleaved_repeats_fast_calls_until_min_time():
+    fast, slow = _FakeWorker(0.03), _FakeWorker(2.0)
+    times = benchmark_CRBL.interleaved({"fast": (fast, "forward"), "slow": (slow, "train")},
+                                       warmup=2, repeats=3, min_time=0.5)
+    assert times == {"fast": [0.03] * 3, "slow": [2.0] * 3}
+    # the first warm-up round asks for one call; from then on a 30 ms call repeats 17 times
+    assert fast.requests == ["forward x1"] + ["forward x17"] * 4
+    assert slow.requests == ["train x1"] * 5
+    # without warm-up nothing is known about the speed: single calls
+    none = _FakeWorker(0.03)
+    benchmark_CRBL.interleaved({"a": (none, "forward")}, warmup=0, repeats=2, min_time=0.5)
+    assert none.requests == ["forward x1"] * 2

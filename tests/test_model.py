@@ -290,6 +290,41 @@ def test_directml_broken_device_fails_smoke_test(monkeypatch, no_cuda):
     assert get_device("auto").kind == "cpu"  # auto moves on
 
 
+_FAULTS_SCRIPT = """
+import resource, sys, torch
+sys.path.insert(0, {root!r})
+import model_pytorch_directml as mp
+assert mp.get_device("cpu").kind == "cpu"
+def faults():
+    x = torch.ones(10 << 20)  # 40 MB, above glibc's 32 MB cap on its mmap threshold
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+faults()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+print(faults() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
+@pytest.mark.parametrize("opt_out", [False, True])
+def test_cpu_device_keeps_freed_memory(opt_out):
+    """On the CPU device a second 40 MB tensor reuses the first one's pages (no page faults);
+    CRBL_KEEP_FREED_MEMORY=0 restores glibc's behaviour (~10k faults: fresh pages each time)."""
+    import os
+    import subprocess
+    from pathlib import Path
+    env = {k: v for k, v in os.environ.items() if k != mp.KEEP_FREED_MEMORY_ENV}
+    if opt_out:
+        env[mp.KEEP_FREED_MEMORY_ENV] = "0"
+    script = _FAULTS_SCRIPT.format(root=str(Path(mp.__file__).parent))
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    faults = int(out.split()[-1])
+    if opt_out:
+        assert faults > 5_000
+    else:
+        assert faults < 1_000
+
+
 def _fake_cuda(monkeypatch, hip=None, count=1):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
