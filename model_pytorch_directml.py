@@ -673,9 +673,10 @@ def keep_freed_memory() -> bool:
     kernel must zero and fault in, 4 KB at a time (1.7 GB of faults per forward at 224 px batch 32;
     costly, above all in a VM). With mmap off and no trimming, a batch reuses the last one's pages.
     Measured on 2 cores: forward at 224 px batch 32 1.9-2.1 -> 1.0-1.2 s, training step at 128 px
-    batch 32 2.6-3.0 -> 1.7-2.0 s; batch 1 is unchanged (nothing faults there). The cost: the process keeps
-    its peak heap until it exits, as GPU caching allocators do. CRBL_KEEP_FREED_MEMORY=0 opts out;
-    a preloaded jemalloc or tcmalloc simply ignores it. Returns whether the settings took.
+    batch 32 2.6-3.0 -> 1.7-2.0 s; batch 1 is unchanged (nothing faults there). The cost: the
+    process keeps its peak heap until it exits, as GPU caching allocators do.
+    CRBL_KEEP_FREED_MEMORY=0 opts out; a preloaded jemalloc or tcmalloc simply ignores it.
+    Returns whether the settings took.
     """
     if os.environ.get(KEEP_FREED_MEMORY_ENV, "1") == "0" or not sys.platform.startswith("linux"):
         return False
