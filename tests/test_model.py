@@ -296,19 +296,21 @@ sys.path.insert(0, {root!r})
 import model_pytorch_directml as mp
 assert mp.get_device("cpu").kind == "cpu"
 def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     x = torch.ones(10 << 20)  # 40 MB, above glibc's 32 MB cap on its mmap threshold
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-faults()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-print(faults() - before)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+rounds = [faults() for _ in range(12)]
+# the first rounds may still fault while the heap settles (aligned blocks are split differently)
+print(mp.keep_freed_memory(), max(rounds[-4:]))  # took (True/False), page faults
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
 @pytest.mark.parametrize("opt_out", [False, True])
 def test_cpu_device_keeps_freed_memory(opt_out):
-    """On the CPU device a second 40 MB tensor reuses the first one's pages (no page faults);
-    CRBL_KEEP_FREED_MEMORY=0 restores glibc's behaviour (~10k faults: fresh pages each time)."""
+    """On the CPU device a 40 MB tensor made again and again reuses the same pages (no page
+    faults once the heap has settled); CRBL_KEEP_FREED_MEMORY=0 restores glibc's behaviour
+    (~10k faults every time: fresh pages)."""
     import os
     import subprocess
     from pathlib import Path
@@ -318,11 +320,13 @@ def test_cpu_device_keeps_freed_memory(opt_out):
     script = _FAULTS_SCRIPT.format(root=str(Path(mp.__file__).parent))
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                          check=True).stdout
-    faults = int(out.split()[-1])
+    took, faults = out.split()[-2:]
     if opt_out:
-        assert faults > 5_000
+        assert took == "False" and int(faults) > 5_000
     else:
-        assert faults < 1_000
+        if took != "True":
+            pytest.skip("no glibc mallopt in this Python (not glibc)")
+        assert int(faults) < 1_000
 
 
 def _fake_cuda(monkeypatch, hip=None, count=1):
