@@ -138,6 +138,66 @@ def test_forward_paths_agree(small_model):
     assert torch.allclose(small_model.predict_proba(x).detach(), torch.sigmoid(unfused.detach()), atol=1e-5)
 
 
+def _backbone2_threads(model):
+    """Records the name of the thread each backbone-2 forward ran on."""
+    import threading
+    names = []
+    handle = model.backbone2.register_forward_hook(
+        lambda *_: names.append(threading.current_thread().name))
+    return names, handle
+
+
+def test_small_cpu_batches_run_the_backbones_side_by_side(small_model):
+    torch.manual_seed(1)
+    x = torch.rand(2, 3, 64, 64)
+    small_model.eval()
+    names, handle = _backbone2_threads(small_model)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # also on a 1-core machine
+    try:
+        with torch.inference_mode():
+            side_by_side = small_model(x)
+            small_model.parallel_backbones = False
+            one_after_other = small_model(x)
+        with torch.no_grad():  # no_grad without inference mode: the side thread follows it
+            small_model.parallel_backbones = True
+            a, b = small_model.features(x)
+        assert torch.get_num_threads() == 2  # given back after each forward
+    finally:
+        small_model.parallel_backbones = True
+        handle.remove()
+        torch.set_num_threads(threads)
+    assert names[0].startswith("crbl-backbone2") and names[2].startswith("crbl-backbone2")
+    assert not names[1].startswith("crbl-backbone2")
+    assert not b.requires_grad and not torch.is_inference(b)
+    torch.testing.assert_close(side_by_side, one_after_other, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["training", "grad", "batch 9", "one thread"])
+def test_backbones_stay_on_one_thread_otherwise(small_model, monkeypatch, case):
+    x = torch.rand(9 if case == "batch 9" else 2, 3, 64, 64)
+    small_model.train(case == "training")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1 if case == "one thread" else 2)
+    names, handle = _backbone2_threads(small_model)
+    try:
+        with torch.set_grad_enabled(case == "grad"):
+            small_model.features(x)
+    finally:
+        handle.remove()
+        small_model.eval()
+    assert not names[0].startswith("crbl-backbone2")
+
+
+def test_side_thread_errors_surface_and_restore_the_thread_count(small_model, monkeypatch):
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(small_model.backbone1, "forward", lambda x: 1 / 0)
+    small_model.eval()
+    with torch.inference_mode(), pytest.raises(ZeroDivisionError):
+        mp._both_backbones_at_once(small_model.backbone1, small_model.backbone2,
+                                   torch.rand(1, 3, 64, 64))
+    assert torch.get_num_threads() == threads
+
+
 def _trainable_modules(model):
     return {n.rsplit(".", 1)[0] for n, p in model.backbone1.body.named_parameters() if p.requires_grad}
 
