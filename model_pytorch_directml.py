@@ -535,7 +535,7 @@ class CRBLModel(nn.Module):
 
 
 # Small CPU batches: the two backbones side by side, one core each (below).
-PARALLEL_BACKBONES_MAX_BATCH = 8
+PARALLEL_BACKBONES_MAX_BATCH = 4
 _side_thread: tuple[int, ThreadPoolExecutor] | None = None  # (pid, executor): a fork gets its own
 
 
@@ -552,9 +552,11 @@ def _both_backbones_at_once(backbone1: nn.Module, backbone2: nn.Module, x: torch
     """Inference on a small CPU batch: backbone 2 on a second thread while this one runs
     backbone 1, each single-threaded; the head then gets every thread back.
 
-    At batch 1 an EfficientNet-B0 is ~300 small operations that two threads split poorly; one
-    backbone per core was 1.2x faster for the whole forward at batch 1-2 and 1.05x at batch 8 on
-    2 cores (128 and 224 px). Same results up to float32 rounding (thread-count-dependent sums).
+    At batch 1 an EfficientNet-B0 is ~300 small operations that two threads split poorly. On 2
+    cores one backbone per core made the whole forward 1.06-1.2x faster at batch 1-4 (128 and
+    224 px) and no faster at batch 8, where holding both backbones' activations at once also
+    raised peak memory (+90 MB at 224 px). Same results up to float32 rounding (sums whose
+    order depends on the thread count).
     """
     threads = torch.get_num_threads()
     inference = torch.is_inference_mode_enabled()
