@@ -381,20 +381,18 @@ class _DropoutLinear1(torch.autograd.Function):
         n, d = z.shape
         g = grad.reshape(n) * ctx.scale
         w = weight.reshape(-1)
-        grad_z = grad_w = None
+        grad_z = torch.empty_like(z) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
         step = _chunk(n, d, z.device)
         buf = z.new_empty(step, d)
-        if ctx.needs_input_grad[0]:
-            grad_z = torch.empty_like(z)
-            for i in range(0, n, step):
-                k = min(step, n - i)
-                mask = buf[:k].copy_(keep[i:i + k])
+        for i in range(0, n, step):
+            k = min(step, n - i)
+            mask = buf[:k].copy_(keep[i:i + k])  # one float copy of the mask serves both grads
+            if grad_z is not None:
                 torch.mul(mask, w, out=grad_z[i:i + k]).mul_(g[i:i + k, None])
-        if ctx.needs_input_grad[1]:
-            grad_w = torch.zeros_like(w)
-            for i in range(0, n, step):
-                k = min(step, n - i)
-                grad_w += g[i:i + k] @ buf[:k].copy_(keep[i:i + k]).mul_(z[i:i + k])
+            if grad_w is not None:
+                grad_w += g[i:i + k] @ mask.mul_(z[i:i + k])
+        if grad_w is not None:
             grad_w = grad_w.view_as(weight)
         return grad_z, grad_w, grad.sum(0).reshape(ctx.bias_shape), None
 
