@@ -137,9 +137,9 @@ def forward_logits(model, x: torch.Tensor, half_mode: str | None, pad_to: int = 
         return model(x)[:n]
 
 
-def compile_model(model, device, half_mode: str | None, batch_size: int) -> int:
-    """--compile: compile now, on a black batch, so a missing compiler stops before any output.
-    Returns the compiled batch size, which every forward is padded to."""
+def compile_model(model, device, half_mode: str | None, batch_size: int) -> None:
+    """--compile: compile now, on a black batch of batch_size (every forward is then padded to
+    it), so a missing compiler stops before any output."""
     compile_for_inference(model, device.kind)
     size = model.config.image_size
     start = time.perf_counter()
@@ -154,7 +154,6 @@ def compile_model(model, device, half_mode: str | None, batch_size: int) -> int:
                         "install one or leave --compile out") from None
     seconds = time.perf_counter() - start
     print(f"compiled the backbones and head for batches of {batch_size} in {seconds:.0f} s")
-    return batch_size
 
 
 def make_loader(samples, image_size: int, args, device) -> DataLoader:
@@ -254,9 +253,9 @@ def main(argv=None, auto_order: tuple[str, ...] = ("dml", "cuda", "cpu")) -> int
         threshold, threshold_source = resolve_threshold(args.threshold, model.meta, args.model_type)
         samples = collect_samples(args)
         half_mode = prepare_model(model, device, args.fp16)
-        pad_to = 0
+        pad_to = min(args.batch_size, len(samples)) if args.compile else 0
         if args.compile:
-            pad_to = compile_model(model, device, half_mode, min(args.batch_size, len(samples)))
+            compile_model(model, device, half_mode, pad_to)
         print(f"device {device}; {len(samples)} images at {model.config.image_size} px; "
               f"threshold {threshold:g} ({threshold_source})")
         start = time.perf_counter()
