@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     runtime.add_argument("--fp16", action="store_true", help="half-precision backbones on CUDA/"
                          "ROCm/DirectML (bilinear pooling and head stay float32)")
     runtime.add_argument("--compile", action="store_true", help="torch.compile the backbones "
-                         "and head (2-core CPU: model 1.1-1.4x faster; needs a C++ compiler; "
+                         "and head (2-core CPU: model 0.9-1.3x as fast; needs a C++ compiler; "
                          "CUDA: needs Triton; not DirectML). Costs ~1 min of compiling first "
                          "(~10 s when cached): for large jobs")
     runtime.add_argument("--strict", action="store_true", help="exit with status 1 when any "
