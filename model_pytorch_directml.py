@@ -21,11 +21,13 @@ import os
 import pickle
 import sys
 import tempfile
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -295,6 +297,73 @@ def _chunk_terms(phi: torch.Tensor, w: torch.Tensor, eps: float
     return dot, magnitude.sum((1, 2))
 
 
+def _head_terms(phi, w, eps, dot, sq):
+    """dot[s] += Σ w·sign(phi)·sqrt(|phi|+eps) and sq[s] += Σ(|phi|+eps) over a float32 (N, rows, C)
+    chunk of phi and the matching (rows, C) rows of the head weight, in one pass over phi.
+
+    Numba compiles it (fused_head_kernel); the eager head makes seven passes for the same sums
+    (sign, abs, +eps, sum, sqrt, ·sign, dot). Each row is summed in float32, like the eager
+    head's chunk sums; rows and samples add up in float64 (dot, sq)."""
+    n, rows, c = phi.shape
+    zero = np.float32(0.0)
+    for s in range(n):
+        dot_s = 0.0
+        sq_s = 0.0
+        for i in range(rows):
+            row_dot = zero
+            row_sq = zero
+            for j in range(c):
+                p = phi[s, i, j]
+                magnitude = abs(p) + eps
+                row_sq += magnitude
+                y = math.sqrt(magnitude)
+                row_dot += w[i, j] * (y if p > 0 else (-y if p < 0 else zero))  # TF's sign(0) = 0
+            dot_s += row_dot
+            sq_s += row_sq
+        dot[s] += dot_s
+        sq[s] += sq_s
+
+
+FUSED_HEAD_ENV = "CRBL_FUSED_HEAD"
+_fused_head: Any = None  # numba's compiled _head_terms once built; False: not available
+
+
+def fused_head_kernel():
+    """The CPU inference head's one-pass kernel (`_head_terms` compiled by numba), or None where
+    numba is not installed, failed to compile (a warning says why) or CRBL_FUSED_HEAD=0.
+
+    Measured on 2 CPU cores: the head at 128 px batch 32 takes ~40 ms instead of ~80 (the matrix
+    product stays with torch; the element-wise part drops from ~0.9 to ~0.2 ns per element).
+    Compiled once per machine (~1 s) and cached beside this file or in the user's cache folder.
+    """
+    global _fused_head
+    if os.environ.get(FUSED_HEAD_ENV, "1") == "0":
+        return None
+    if _fused_head is None:
+        _fused_head = False
+        try:
+            import numba
+        except ImportError:
+            return None
+        except Exception as exc:  # installed but broken (e.g. built for another numpy)
+            _fused_head_failed("import numba", exc)
+            return None
+        signature = "void(float32[:, :, ::1], float32[:, ::1], float32, float64[::1], float64[::1])"
+        try:
+            # reassoc/contract: SIMD sums and FMA; no "fast" math: sqrt, NaN and inf stay exact
+            _fused_head = numba.njit(signature, fastmath={"reassoc", "contract", "nsz"},
+                                     nogil=True, cache=True, boundscheck=False)(_head_terms)
+        except Exception as exc:  # a broken llvmlite, an unwritable cache, ...
+            _fused_head_failed(f"numba {numba.__version__} compiling it", exc)
+    return _fused_head or None
+
+
+def _fused_head_failed(step: str, exc: Exception) -> None:
+    warnings.warn(f"fused CPU head unavailable, the eager one runs instead: {step} failed "
+                  f"({type(exc).__name__}: {exc}); set {FUSED_HEAD_ENV}=0 to skip it",
+                  RuntimeWarning, stacklevel=3)
+
+
 class _SignedSqrtL2Normalize(torch.autograd.Function):
     """z = l2_normalize(sign(phi) * sqrt(|phi| + eps)) per sample, computed in place on phi
     (N, ...), flattened per sample inside.
@@ -435,22 +504,42 @@ class BilinearPooling(nn.Module):
         bt = b.reshape(n, b.shape[1], h * w).transpose(1, 2).div(h * w).contiguous()
         c2 = bt.shape[2]
         w_mat = weight.reshape(c, c2)
+        kernel = self._fused_kernel(a, w_mat)
+        if kernel is not None:
+            w_np, eps = w_mat.detach().contiguous().numpy(), np.float32(self.eps)
+            dot, sq_norm = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+            dot_np, sq_np = dot.numpy(), sq_norm.numpy()
+        else:
+            dot, sq_norm = a.new_zeros(n), a.new_zeros(n)
         rows = _chunk(c, n * c2, a.device)
-        buf, sign = a.new_empty(n, rows, c2), a.new_empty(n, rows, c2)
-        dot, sq_norm = a.new_zeros(n), a.new_zeros(n)
+        buf = a.new_empty(n, rows, c2)
+        sign = a.new_empty(n, rows, c2) if kernel is None and self.compiled_terms is None else None
         for r in range(0, c, rows):
             k = min(rows, c - r)
-            phi, sgn = (buf, sign) if k == rows else (buf[:, :k].contiguous(), sign[:, :k].contiguous())
+            phi = buf if k == rows else buf[:, :k].contiguous()
             # a contiguous copy of the row slice: MKL's batched GEMM is ~5x slower on the strided view
             torch.bmm(a[:, r:r + k].contiguous(), bt, out=phi)
+            if kernel is not None:
+                kernel(phi.numpy(), w_np[r:r + k], eps, dot_np, sq_np)
+                continue
             if self.compiled_terms is not None:
                 chunk_dot, chunk_sq = self.compiled_terms(phi, w_mat[None, r:r + k], self.eps)
                 dot += chunk_dot
                 sq_norm += chunk_sq
                 continue
-            sq_norm += _signed_sqrt_(phi, sgn, self.eps)
+            sq_norm += _signed_sqrt_(phi, sign if k == rows else sign[:, :k].contiguous(), self.eps)
             dot += phi.reshape(n, -1) @ w_mat[r:r + k].reshape(-1)  # BLAS gemv: no product tensor
-        return (dot / sq_norm.clamp_min(self.l2_eps).sqrt())[:, None] + bias
+        logits = dot / sq_norm.clamp_min(self.l2_eps).sqrt()
+        return logits.to(a.dtype)[:, None] + bias
+
+    def _fused_kernel(self, a: torch.Tensor, w_mat: torch.Tensor):
+        """fused_head_kernel() where it applies: float32 on the CPU, not torch.compile'd (its
+        own fused chunk math wins there), not while tracing or exporting."""
+        if (a.device.type != "cpu" or a.dtype != torch.float32 or w_mat.dtype != torch.float32
+                or self.compiled_terms is not None
+                or torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            return None
+        return fused_head_kernel()
 
 
 # --------------------------------------------------------------------------------------------

@@ -373,8 +373,8 @@ def init_distributed(args, auto_order) -> tuple:
     dist.init_process_group("nccl" if device.kind in ("cuda", "rocm") else "gloo")
     if rank != 0:  # one voice: only rank 0 prints, shows progress and writes files
         args.no_progress = True
-        import builtins
-        builtins.print = lambda *a, **k: None
+        # Not by replacing builtins.print: libraries check it (numba's import fails on a lambda).
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")  # errors still go to stderr
     return device, rank, world
 
 

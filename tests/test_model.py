@@ -61,15 +61,102 @@ def chunking(request, monkeypatch):
     return request.param
 
 
-def test_fused_inference_head_equals_unfused(chunking):
+@pytest.fixture(params=["numba", "torch"])
+def cpu_head(request, monkeypatch):
+    """The CPU inference head's element-wise part by numba's one-pass kernel (returns the list
+    its calls are counted in) and by torch's ops (returns None)."""
+    if request.param == "torch":
+        monkeypatch.setenv(mp.FUSED_HEAD_ENV, "0")
+        return None
+    pytest.importorskip("numba")
+    kernel = mp.fused_head_kernel()
+    assert kernel is not None
+    calls = []
+    monkeypatch.setattr(mp, "_fused_head", lambda *args: calls.append(1) or kernel(*args))
+    return calls
+
+
+def test_fused_inference_head_equals_unfused(chunking, cpu_head):
     torch.manual_seed(3)
     c = mp.NUM_FEATURES
     a, b = torch.randn(5, c, 4, 4), torch.randn(5, c, 4, 4)
+    a[1, 7] = 0  # a row of phi == 0: sign 0, so no sqrt(eps) term (TF's sign)
     weight, bias = torch.randn(1, c * c) * 1e-3, torch.randn(1)
     ref = keras_bilinear(a, b) @ weight.double().T + bias.double()
     fused = BilinearPooling().linear(a, b, weight, bias)
-    assert fused.shape == (5, 1)
+    assert fused.shape == (5, 1) and fused.dtype == torch.float32
     assert (fused.double() - ref).abs().max() < 1e-5
+    if cpu_head is not None:
+        rows = mp._chunk(c, 5 * c, a.device)  # phi rows per chunk, all samples at once
+        assert len(cpu_head) == -(-c // rows) > (1 if chunking == "cpu" else 0)  # once per chunk
+
+
+def test_inference_head_zero_products_have_no_sqrt_eps_term(cpu_head):
+    """phi == 0 gives y = sign(0)·sqrt(eps) = 0 (TF's sign): with one live channel, 99.9 % of
+    phi is zero and a ±sqrt(eps) there would move the logit by ~1.6 per unit weight."""
+    c = mp.NUM_FEATURES
+    a, b = torch.zeros(2, c, 2, 2), torch.rand(2, c, 2, 2)
+    a[:, 3] = torch.rand(2, 2, 2)
+    weight = torch.ones(1, c * c)
+    ref = keras_bilinear(a, b) @ weight.double().T
+    got = BilinearPooling().linear(a, b, weight, torch.zeros(1))
+    assert torch.allclose(got.double(), ref, rtol=1e-5)
+
+
+def test_inference_head_propagates_nan(cpu_head):
+    """A NaN feature gives that sample a NaN logit and leaves the others alone."""
+    torch.manual_seed(5)
+    c = mp.NUM_FEATURES
+    a, b = torch.rand(3, c, 2, 2), torch.rand(3, c, 2, 2)
+    a[1, 9, 1, 0] = float("nan")
+    logits = BilinearPooling().linear(a, b, torch.randn(1, c * c) * 1e-3, torch.zeros(1))
+    assert logits[1].isnan().all() and logits[[0, 2]].isfinite().all()
+
+
+def test_fused_head_is_skipped_where_it_does_not_apply(cpu_head, monkeypatch):
+    if cpu_head is None:
+        pytest.skip("numba case only")
+    pool = BilinearPooling()
+    a = b = torch.rand(2, 4, 2, 2, dtype=torch.double)
+    weight, bias = torch.rand(1, 16, dtype=torch.double), torch.zeros(1, dtype=torch.double)
+    pool.linear(a, b, weight, bias)  # float64
+    pool.compiled_terms = mp._chunk_terms  # --compile: its own fused chunk math
+    pool.linear(a.float(), b.float(), weight.float(), bias.float())
+    assert cpu_head == []
+
+
+def test_fused_head_falls_back_to_torch(monkeypatch):
+    """No numba, or a numba that cannot compile: the torch head, with one warning for the latter."""
+    a, b = torch.rand(2, 8, 2, 2), torch.rand(2, 8, 2, 2)
+    weight, bias = torch.rand(1, 64), torch.zeros(1)
+    expected = keras_bilinear(a, b) @ weight.double().T
+    monkeypatch.setattr(mp, "_fused_head", None)
+    monkeypatch.setitem(sys.modules, "numba", None)  # import numba -> ImportError
+    assert mp.fused_head_kernel() is None
+    assert torch.allclose(BilinearPooling().linear(a, b, weight, bias).double(), expected, atol=1e-6)
+    monkeypatch.undo()
+    import builtins
+    real_import = builtins.__import__
+
+    def import_broken_numba(name, *args, **kwargs):  # e.g. numba built for another numpy
+        if name == "numba":
+            raise AttributeError("module 'numpy' has no attribute 'long'")
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(mp, "_fused_head", None)
+    monkeypatch.setattr(builtins, "__import__", import_broken_numba)
+    with pytest.warns(RuntimeWarning, match="import numba failed.*no attribute 'long'"):
+        assert mp.fused_head_kernel() is None
+    monkeypatch.undo()
+    numba = pytest.importorskip("numba")
+    monkeypatch.setattr(mp, "_fused_head", None)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("LLVM ERROR: no target")
+    monkeypatch.setattr(numba, "njit", broken)
+    with pytest.warns(RuntimeWarning, match="LLVM ERROR: no target.*CRBL_FUSED_HEAD=0"):
+        assert mp.fused_head_kernel() is None
+    assert mp.fused_head_kernel() is None  # decided once: no second try, no second warning
+    assert torch.allclose(BilinearPooling().linear(a, b, weight, bias).double(), expected, atol=1e-6)
 
 
 def test_training_head_equals_keras_at_full_width(chunking):
