@@ -123,7 +123,18 @@ def batch_images(size: int, batch: int) -> np.ndarray:
 
 
 def peak_rss_mb() -> float | None:
-    """This process's resident-set high-water mark so far (MB), where the OS tells it."""
+    """This process's resident-set high-water mark so far (MB), where the OS tells it.
+
+    Linux: VmHWM, the high-water mark of this program's own memory. Not ru_maxrss there: Linux
+    carries it over from the parent through fork and exec, so a worker started by an 840 MB
+    benchmark process reported at least 840 MB whatever it used itself."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:  # not Linux
+        pass
     try:
         import resource
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -164,11 +175,13 @@ class TorchWorker:
 
     def ready(self) -> dict:
         import torch
-        from model_pytorch_directml import keep_freed_memory
+        from model_pytorch_directml import fused_head_kernel, keep_freed_memory
+        cpu = self.device.kind == "cpu"
         return {"device": str(self.device), "torch": torch.__version__, "amp": self.amp,
                 "threads": torch.get_num_threads(), "channels_last": self.model.channels_last,
                 # get_device("cpu") set it; asking again only reports whether it took
-                "keep_freed_memory": keep_freed_memory() if self.device.kind == "cpu" else None}
+                "keep_freed_memory": keep_freed_memory() if cpu else None,
+                "fused_head": (fused_head_kernel() is not None) if cpu else None}
 
     @property
     def peak_gpu_mb(self) -> float | None:

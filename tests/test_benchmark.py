@@ -1,7 +1,11 @@
 """benchmark_CRBL.py: a tiny real run (workers, interleaving, JSON, table); not a timed test."""
 import importlib.util
 import json
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 import benchmark_CRBL
@@ -91,3 +95,16 @@ def test_interleaved_repeats_fast_calls_until_min_time():
     none = _FakeWorker(0.03)
     benchmark_CRBL.interleaved({"a": (none, "forward")}, warmup=0, repeats=2, min_time=0.5)
     assert none.requests == ["forward x1"] * 2
+
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's ru_maxrss quirk")
+def test_worker_peak_memory_is_its_own():
+    """A worker's peak is what it used, not its parent's: Linux carries ru_maxrss over through
+    fork and exec (every worker of an 840 MB benchmark process reported >= 840 MB)."""
+    ballast = np.ones(2**28, dtype=np.uint8)  # 256 MB resident in this, the parent, process
+    out = subprocess.run([sys.executable, "-c", "import benchmark_CRBL; print(benchmark_CRBL.peak_rss_mb())"],
+                         capture_output=True, text=True, check=True,
+                         cwd=Path(benchmark_CRBL.__file__).parent)
+    assert ballast.sum() == 2**28
+    assert 5 < float(out.stdout) < 200  # the interpreter and numpy
