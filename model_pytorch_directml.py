@@ -948,12 +948,20 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def model_from_checkpoint(payload: dict, path: str | os.PathLike = "checkpoint") -> CRBLModel:
-    model = CRBLModel(CRBLConfig.from_dict(payload["config"]))
+    """The model, its tensors taken over from the payload (assign): built on the meta device,
+    it holds no random weights of its own, so loading needs no second copy of the weights (a
+    peak of ~40 MB less) and no random initialisation."""
+    with torch.device("meta"):
+        model = CRBLModel(CRBLConfig.from_dict(payload["config"]))
     try:
-        model.load_state_dict(payload["state_dict"], strict=True)
+        model.load_state_dict(payload["state_dict"], strict=True, assign=True)
     except RuntimeError as exc:
         raise CRBLError(f"{path}: weights do not fit the CRBL model: "
                         f"{str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}") from None
+    unset = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if unset:  # a tensor outside the state dict (none today): refuse rather than run on nothing
+        raise CRBLError(f"{path}: the checkpoint does not set {', '.join(unset[:3])}; save it again "
+                        "with convert_h5_to_pth.py or train_CRBL_pytorch_directml.py")
     model.meta = {k: v for k, v in payload.items() if k not in ("state_dict",)}
     return model
 

@@ -538,6 +538,26 @@ def test_checkpoint_roundtrip_rebuilds_from_file_alone(small_model, tmp_path):
     assert all(v.device.type == "cpu" for v in raw["state_dict"].values())
 
 
+def test_checkpoint_tensors_become_the_weights(tmp_path, monkeypatch):
+    """model_from_checkpoint takes the payload's tensors over (no second copy of the weights) and
+    refuses a model tensor that the checkpoint leaves unset (it would stay on the meta device)."""
+    path = tmp_path / "m.pth"
+    save_checkpoint(path, CRBLModel(CRBLConfig(image_size=64)))
+    payload = mp.load_checkpoint(path)
+    model = mp.model_from_checkpoint(payload, path)
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        assert tensor.data_ptr() == payload["state_dict"][name].data_ptr(), name
+    assert isinstance(model.head.weight, torch.nn.Parameter) and model.head.weight.requires_grad
+
+    class WithExtraBuffer(CRBLModel):
+        def __init__(self, config):
+            super().__init__(config)
+            self.register_buffer("extra", torch.zeros(3), persistent=False)
+    monkeypatch.setattr(mp, "CRBLModel", WithExtraBuffer)
+    with pytest.raises(CRBLError, match=r"m\.pth: the checkpoint does not set extra; save it again"):
+        mp.model_from_checkpoint(mp.load_checkpoint(path), path)
+
+
 def test_checkpoint_write_is_atomic(small_model, tmp_path, monkeypatch):
     path = tmp_path / "m.pth"
     path.write_bytes(b"old")
