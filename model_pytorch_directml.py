@@ -325,16 +325,24 @@ def _head_terms(phi, w, eps, dot, sq):
 
 
 FUSED_HEAD_ENV = "CRBL_FUSED_HEAD"
+# Where the one-pass kernel pays. It runs on one thread: torch's element-wise ops caught up with
+# it at 4 threads and were faster from 8 (16-core machine). At batch 1 it saves ~1.7 ms of a
+# ~35 ms forward, less than loading numba costs a short run (~0.3-1 s, ~100 MB).
+FUSED_HEAD_MAX_THREADS = 2
+FUSED_HEAD_MIN_BATCH = 2
 _fused_head: Any = None  # numba's compiled _head_terms once built; False: not available
 
 
 def fused_head_kernel():
     """The CPU inference head's one-pass kernel (`_head_terms` compiled by numba), or None where
-    numba is not installed, failed to compile (a warning says why) or CRBL_FUSED_HEAD=0.
+    numba is not installed, cannot load or compile (a warning says why) or CRBL_FUSED_HEAD=0.
 
-    Measured on 2 CPU cores: the head at 128 px batch 32 takes ~40 ms instead of ~80 (the matrix
-    product stays with torch; the element-wise part drops from ~0.9 to ~0.2 ns per element).
-    Compiled once per machine (~1 s) and cached beside this file or in the user's cache folder.
+    Measured on 2 CPU cores: the head at 128 px batch 32 takes 40-70 ms instead of 80-110 (the
+    matrix product stays with torch; the rest reads each chunk once, 0.22 ns per element on one
+    core, where torch's abs and sqrt alone take 0.86 ns). Compiled once per machine (~1 s) and
+    cached beside this file or in the user's cache folder (compiled per process where neither is
+    writable). Loading numba and LLVM costs a process ~100 MB of resident memory. A thread that
+    asks while another compiles gets None (torch ops).
     """
     global _fused_head
     if os.environ.get(FUSED_HEAD_ENV, "1") == "0":
@@ -343,17 +351,24 @@ def fused_head_kernel():
         _fused_head = False
         try:
             import numba
-        except ImportError:
+        except ModuleNotFoundError as exc:
+            if exc.name != "numba":  # numba is there, something it needs is not
+                _fused_head_failed("import numba", exc)
             return None
-        except Exception as exc:  # installed but broken (e.g. built for another numpy)
+        except Exception as exc:  # installed but broken: built for another numpy, llvmlite, ...
             _fused_head_failed("import numba", exc)
             return None
         signature = "void(float32[:, :, ::1], float32[:, ::1], float32, float64[::1], float64[::1])"
+        # reassoc/contract: SIMD sums and FMA; no "fast" math: sqrt, NaN and inf stay exact
+        options = dict(fastmath={"reassoc", "contract", "nsz"}, nogil=True, boundscheck=False)
         try:
-            # reassoc/contract: SIMD sums and FMA; no "fast" math: sqrt, NaN and inf stay exact
-            _fused_head = numba.njit(signature, fastmath={"reassoc", "contract", "nsz"},
-                                     nogil=True, cache=True, boundscheck=False)(_head_terms)
-        except Exception as exc:  # a broken llvmlite, an unwritable cache, ...
+            try:
+                _fused_head = numba.njit(signature, cache=True, **options)(_head_terms)
+            except RuntimeError as exc:  # "cannot cache ...": no writable cache folder
+                if "cache" not in str(exc):
+                    raise
+                _fused_head = numba.njit(signature, **options)(_head_terms)
+        except Exception as exc:  # a broken llvmlite, no target machine, ...
             _fused_head_failed(f"numba {numba.__version__} compiling it", exc)
     return _fused_head or None
 
@@ -533,9 +548,12 @@ class BilinearPooling(nn.Module):
         return logits.to(a.dtype)[:, None] + bias
 
     def _fused_kernel(self, a: torch.Tensor, w_mat: torch.Tensor):
-        """fused_head_kernel() where it applies: float32 on the CPU, not torch.compile'd (its
+        """fused_head_kernel() where it applies and pays: float32 plain tensors on the CPU, batch
+        >= FUSED_HEAD_MIN_BATCH, at most FUSED_HEAD_MAX_THREADS threads; not torch.compile'd (its
         own fused chunk math wins there), not while tracing or exporting."""
         if (a.device.type != "cpu" or a.dtype != torch.float32 or w_mat.dtype != torch.float32
+                or type(a) is not torch.Tensor  # FakeTensor, functorch wrappers: no .numpy()
+                or len(a) < FUSED_HEAD_MIN_BATCH or torch.get_num_threads() > FUSED_HEAD_MAX_THREADS
                 or self.compiled_terms is not None
                 or torch.jit.is_tracing() or torch.compiler.is_compiling()):
             return None
@@ -948,13 +966,18 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def model_from_checkpoint(payload: dict, path: str | os.PathLike = "checkpoint") -> CRBLModel:
-    """The model, its tensors taken over from the payload (assign): built on the meta device,
-    it holds no random weights of its own, so loading needs no second copy of the weights (a
-    peak of ~40 MB less) and no random initialisation."""
+    """The float32 model, its tensors taken over from the payload (assign): built on the meta
+    device, it holds no random weights of its own, so loading needs no second copy of the
+    weights (a peak of ~40 MB less) and no random initialisation. The model shares its tensors
+    with payload["state_dict"]: build a second model from a second payload, not the same one."""
+    import timm  # noqa: F401 - imported outside the meta context: no import-time tensor on meta
     with torch.device("meta"):
         model = CRBLModel(CRBLConfig.from_dict(payload["config"]))
+    # float32 like the model (a float64 or float16 file would otherwise set the weights' dtype)
+    state = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+             for k, v in payload["state_dict"].items()}
     try:
-        model.load_state_dict(payload["state_dict"], strict=True, assign=True)
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise CRBLError(f"{path}: weights do not fit the CRBL model: "
                         f"{str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}") from None

@@ -2,6 +2,7 @@
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -73,6 +74,7 @@ def cpu_head(request, monkeypatch):
     assert kernel is not None
     calls = []
     monkeypatch.setattr(mp, "_fused_head", lambda *args: calls.append(1) or kernel(*args))
+    monkeypatch.setattr(mp, "FUSED_HEAD_MAX_THREADS", 1024)  # whatever this machine's thread count
     return calls
 
 
@@ -117,12 +119,25 @@ def test_fused_head_is_skipped_where_it_does_not_apply(cpu_head, monkeypatch):
     if cpu_head is None:
         pytest.skip("numba case only")
     pool = BilinearPooling()
-    a = b = torch.rand(2, 4, 2, 2, dtype=torch.double)
-    weight, bias = torch.rand(1, 16, dtype=torch.double), torch.zeros(1, dtype=torch.double)
-    pool.linear(a, b, weight, bias)  # float64
+    a = b = torch.rand(2, 4, 2, 2)
+    weight, bias = torch.rand(1, 16), torch.zeros(1)
+    expected = keras_bilinear(a, b) @ weight.double().T
+    outputs = [pool.linear(a.double(), b.double(), weight.double(), bias.double()),  # float64
+               pool.linear(a[:1], b[:1], weight, bias)]  # batch 1: not worth loading numba
+    with monkeypatch.context() as m:
+        m.setattr(mp, "FUSED_HEAD_MAX_THREADS", 0)  # more threads than the kernel's one pays for
+        outputs.append(pool.linear(a, b, weight, bias))
+    with monkeypatch.context() as m:
+        m.setattr(torch.jit, "is_tracing", lambda: True)  # torch.jit.trace, ONNX export
+        outputs.append(pool.linear(a, b, weight, bias))
     pool.compiled_terms = mp._chunk_terms  # --compile: its own fused chunk math
-    pool.linear(a.float(), b.float(), weight.float(), bias.float())
+    outputs.append(pool.linear(a, b, weight, bias))
     assert cpu_head == []
+    for out in outputs:
+        assert torch.allclose(out.double(), expected[:len(out)], atol=1e-6)
+    pool.compiled_terms = None
+    pool.linear(a, b, weight, bias)
+    assert cpu_head == [1]  # and the same call, where it applies, runs it
 
 
 def test_fused_head_falls_back_to_torch(monkeypatch):
@@ -138,15 +153,18 @@ def test_fused_head_falls_back_to_torch(monkeypatch):
     import builtins
     real_import = builtins.__import__
 
-    def import_broken_numba(name, *args, **kwargs):  # e.g. numba built for another numpy
-        if name == "numba":
-            raise AttributeError("module 'numpy' has no attribute 'long'")
-        return real_import(name, *args, **kwargs)
-    monkeypatch.setattr(mp, "_fused_head", None)
-    monkeypatch.setattr(builtins, "__import__", import_broken_numba)
-    with pytest.warns(RuntimeWarning, match="import numba failed.*no attribute 'long'"):
-        assert mp.fused_head_kernel() is None
-    monkeypatch.undo()
+    for exc in (AttributeError("module 'numpy' has no attribute 'long'"),
+                ImportError("Numba needs NumPy 2.3 or less. Got NumPy 2.9."),
+                ModuleNotFoundError("No module named 'llvmlite'", name="llvmlite")):
+        def import_broken_numba(name, *args, **kwargs):
+            if name == "numba":
+                raise exc
+            return real_import(name, *args, **kwargs)
+        monkeypatch.setattr(mp, "_fused_head", None)
+        monkeypatch.setattr(builtins, "__import__", import_broken_numba)
+        with pytest.warns(RuntimeWarning, match=f"import numba failed.*{str(exc)[:20]}"):
+            assert mp.fused_head_kernel() is None
+        monkeypatch.undo()
     numba = pytest.importorskip("numba")
     monkeypatch.setattr(mp, "_fused_head", None)
 
@@ -157,6 +175,26 @@ def test_fused_head_falls_back_to_torch(monkeypatch):
         assert mp.fused_head_kernel() is None
     assert mp.fused_head_kernel() is None  # decided once: no second try, no second warning
     assert torch.allclose(BilinearPooling().linear(a, b, weight, bias).double(), expected, atol=1e-6)
+
+
+def test_fused_head_compiles_without_a_writable_cache(monkeypatch, recwarn):
+    """numba refuses cache=True where neither the source folder nor a user cache is writable:
+    the kernel is then compiled for this process alone, silently."""
+    numba = pytest.importorskip("numba")
+    njit = numba.njit
+
+    def no_cache_folder(*args, cache=False, **kwargs):
+        if cache:
+            raise RuntimeError("cannot cache function '_head_terms': no locator available for file")
+        return njit(*args, **kwargs)
+    monkeypatch.setattr(numba, "njit", no_cache_folder)
+    monkeypatch.setattr(mp, "_fused_head", None)
+    kernel = mp.fused_head_kernel()
+    assert kernel is not None and not recwarn.list
+    phi, w = np.ones((1, 2, 3), np.float32), np.full((2, 3), 2.0, np.float32)
+    dot, sq = np.zeros(1), np.zeros(1)
+    kernel(phi, w, np.float32(0.0), dot, sq)
+    assert dot[0] == 12.0 and sq[0] == 6.0
 
 
 def test_training_head_equals_keras_at_full_width(chunking):
@@ -553,6 +591,12 @@ def test_checkpoint_tensors_become_the_weights(tmp_path, monkeypatch):
         def __init__(self, config):
             super().__init__(config)
             self.register_buffer("extra", torch.zeros(3), persistent=False)
+    # A float64 file loads as float32, the model's dtype (assign would keep the file's).
+    save_checkpoint(path, CRBLModel(CRBLConfig(image_size=64)).double())
+    model = mp.load_model(path)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, 64, 64)).dtype == torch.float32
     monkeypatch.setattr(mp, "CRBLModel", WithExtraBuffer)
     with pytest.raises(CRBLError, match=r"m\.pth: the checkpoint does not set extra; save it again"):
         mp.model_from_checkpoint(mp.load_checkpoint(path), path)
