@@ -175,13 +175,17 @@ class TorchWorker:
 
     def ready(self) -> dict:
         import torch
-        from model_pytorch_directml import fused_head_kernel, keep_freed_memory
-        cpu = self.device.kind == "cpu"
+        from model_pytorch_directml import keep_freed_memory
         return {"device": str(self.device), "torch": torch.__version__, "amp": self.amp,
                 "threads": torch.get_num_threads(), "channels_last": self.model.channels_last,
                 # get_device("cpu") set it; asking again only reports whether it took
-                "keep_freed_memory": keep_freed_memory() if cpu else None,
-                "fused_head": (fused_head_kernel() is not None) if cpu else None}
+                "keep_freed_memory": keep_freed_memory() if self.device.kind == "cpu" else None}
+
+    @property
+    def fused_head(self) -> bool | None:
+        """Whether the forwards so far ran the numba head (it loads at first use, where it applies)."""
+        import model_pytorch_directml as mp
+        return bool(mp._fused_head) if self.device.kind == "cpu" else None
 
     @property
     def peak_gpu_mb(self) -> float | None:
@@ -372,7 +376,8 @@ def serve(args) -> int:
         if what == "quit":
             break
         if what == "memory":
-            send({"peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": getattr(worker, "peak_gpu_mb", None)})
+            send({"peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": getattr(worker, "peak_gpu_mb", None),
+                  "fused_head": getattr(worker, "fused_head", None)})
             continue
         what, _, calls = what.partition(" x")
         calls = int(calls or 1)
@@ -518,6 +523,7 @@ def measure(torch_w: Worker, keras: Worker | None, args, result: dict, checkpoin
     for worker in (torch_w, keras) if keras else (torch_w,):
         worker.ask("forward")
     answer = torch_w.ask("memory")
+    result["torch_info"]["fused_head"] = answer["fused_head"]
     memory = {"torch_inference": answer["peak_rss_mb"], "torch_gpu_inference": answer["peak_gpu_mb"],
               "keras_inference": keras.ask("memory")["peak_rss_mb"] if keras else None}
     times = interleaved(inference, args.warmup, args.repeats, args.min_time)

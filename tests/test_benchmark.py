@@ -26,6 +26,8 @@ def test_smoke_run_writes_every_measurement(tmp_path, capsys):
     (result,) = report["results"]
     assert (result["size"], result["batch"], result["e2e_images"]) == (64, 2, 4)
     assert result["device"].startswith("cpu") and result["torch_info"]["channels_last"]
+    # batch 2 on 2 threads: the numba head ran, where numba is installed
+    assert result["torch_info"]["fused_head"] == (importlib.util.find_spec("numba") is not None)
     assert set(result["images_per_s"]) == {"backbones", "forward", "forward_n", "e2e",
                                            "e2e_steady", "train"}
     assert len(result["seconds"]["e2e_one_batch"]) == 1
