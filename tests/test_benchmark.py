@@ -99,7 +99,6 @@ def test_interleaved_repeats_fast_calls_until_min_time():
     assert none.requests == ["forward x1"] * 2
 
 
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's ru_maxrss quirk")
 def test_worker_peak_memory_is_its_own():
     """A worker's peak is what it used, not its parent's: Linux carries ru_maxrss over through
