@@ -297,6 +297,18 @@ def _chunk_terms(phi: torch.Tensor, w: torch.Tensor, eps: float
     return dot, magnitude.sum((1, 2))
 
 
+def _opted_out(env: str) -> bool:
+    """Whether an on-by-default CPU speed setting (CRBL_FUSED_HEAD, CRBL_KEEP_FREED_MEMORY) is
+    turned off with ENV=0."""
+    return os.environ.get(env, "1") == "0"
+
+
+def _capturing_graph() -> bool:
+    """torch.jit tracing, or dynamo/torch.compile/export: the eager-only CPU paths (a second
+    thread, numpy views for numba) must stay out of a captured graph."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
 def _head_terms(phi, w, eps, dot, sq):
     """dot[s] += Σ w·sign(phi)·sqrt(|phi|+eps) and sq[s] += Σ(|phi|+eps) over a float32 (N, rows, C)
     chunk of phi and the matching (rows, C) rows of the head weight, in one pass over phi.
@@ -345,7 +357,7 @@ def fused_head_kernel():
     asks while another compiles gets None (torch ops).
     """
     global _fused_head
-    if os.environ.get(FUSED_HEAD_ENV, "1") == "0":
+    if _opted_out(FUSED_HEAD_ENV):
         return None
     if _fused_head is None:
         _fused_head = False
@@ -554,8 +566,7 @@ class BilinearPooling(nn.Module):
         if (a.device.type != "cpu" or a.dtype != torch.float32 or w_mat.dtype != torch.float32
                 or type(a) is not torch.Tensor  # FakeTensor, functorch wrappers: no .numpy()
                 or len(a) < FUSED_HEAD_MIN_BATCH or torch.get_num_threads() > FUSED_HEAD_MAX_THREADS
-                or self.compiled_terms is not None
-                or torch.jit.is_tracing() or torch.compiler.is_compiling()):
+                or self.compiled_terms is not None or _capturing_graph()):
             return None
         return fused_head_kernel()
 
@@ -596,8 +607,7 @@ class CRBLModel(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         if (self.parallel_backbones and not self.training and not torch.is_grad_enabled()
                 and x.device.type == "cpu" and len(x) <= PARALLEL_BACKBONES_MAX_BATCH
-                and torch.get_num_threads() > 1
-                and not (torch.jit.is_tracing() or torch.compiler.is_compiling())):
+                and torch.get_num_threads() > 1 and not _capturing_graph()):
             return _both_backbones_at_once(self.backbone1, self.backbone2, x)
         return self.backbone1(x), self.backbone2(x)
 
@@ -833,7 +843,7 @@ def keep_freed_memory() -> bool:
     CRBL_KEEP_FREED_MEMORY=0 opts out; a preloaded jemalloc or tcmalloc simply ignores it.
     Returns whether the settings took.
     """
-    if os.environ.get(KEEP_FREED_MEMORY_ENV, "1") == "0" or not sys.platform.startswith("linux"):
+    if _opted_out(KEEP_FREED_MEMORY_ENV) or not sys.platform.startswith("linux"):
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
