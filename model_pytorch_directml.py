@@ -207,20 +207,173 @@ def read_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return obj
 
 
+# EfficientNet-B0 (tf_efficientnet_b0), written out here rather than built by timm: the same
+# modules, parameter names, initialisers and arithmetic as timm 1.0's (bit-identical outputs,
+# tests/test_model.py), so timm state dicts, hub weights and every checkpoint load unchanged.
+# Why: timm imports torchvision, and the two take ~200 MB of resident memory before any model;
+# a batch-1 CPU inference process peaked at ~790 MB with them and ~590 MB without.
+
+# (expand ratio, kernel, stride, output channels, repeats) per stage: EfficientNet-B0.
+B0_STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
+             (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
+B0_STEM, B0_BN_EPS = 32, 1e-3
+
+
+class Conv2dSame(nn.Conv2d):
+    """TensorFlow "SAME" padding. Stride 1 pads k//2 on every side, as a plain Conv2d does;
+    stride 2 pads the bottom/right one more than the top/left where the total is odd, sized
+    from the input (timm Conv2dSame, Keras padding="same")."""
+
+    def __init__(self, in_chs: int, out_chs: int, kernel: int, stride: int = 1, groups: int = 1,
+                 bias: bool = False):
+        super().__init__(in_chs, out_chs, kernel, stride, padding=kernel // 2 if stride == 1 else 0,
+                         groups=groups, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride[0] == 1:
+            return super().forward(x)
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        pad_h = max((math.ceil(x.shape[-2] / sh) - 1) * sh + kh - x.shape[-2], 0)
+        pad_w = max((math.ceil(x.shape[-1] / sw) - 1) * sw + kw - x.shape[-1], 0)
+        x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=B0_BN_EPS)
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth per sample (Keras drop_connect: Dropout with noise_shape (N,1,1,1))."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p).div_(1 - p)
+    return x * keep
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, channels: int, reduced: int):
+        super().__init__()
+        self.conv_reduce = nn.Conv2d(channels, reduced, 1)
+        self.conv_expand = nn.Conv2d(reduced, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = F.silu(self.conv_reduce(x.mean((2, 3), keepdim=True)), inplace=True)
+        return x * torch.sigmoid(self.conv_expand(s))
+
+
+class _Block(nn.Module):
+    """The residual connection (with drop path) where a block keeps its shape."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int, drop_path_rate: float):
+        super().__init__()
+        self.has_skip = stride == 1 and in_chs == out_chs
+        self.drop_path_rate = drop_path_rate
+
+    def _residual(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return drop_path(y, self.drop_path_rate, self.training) + x if self.has_skip else y
+
+
+class DepthwiseSeparableConv(_Block):
+    """Stage 1 (expand ratio 1): depthwise conv, BN, SiLU, SE, pointwise conv, BN."""
+    CONV_BN_PAIRS = (("conv_dw", "bn1"), ("conv_pw", "bn2"))
+
+    def __init__(self, in_chs: int, out_chs: int, kernel: int, stride: int, drop_path_rate: float):
+        super().__init__(in_chs, out_chs, stride, drop_path_rate)
+        self.conv_dw = Conv2dSame(in_chs, in_chs, kernel, stride, groups=in_chs)
+        self.bn1 = _bn(in_chs)
+        self.se = SqueezeExcite(in_chs, in_chs // 4)
+        self.conv_pw = nn.Conv2d(in_chs, out_chs, 1, bias=False)
+        self.bn2 = _bn(out_chs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.conv_pw(self.se(F.silu(self.bn1(self.conv_dw(x)), inplace=True))))
+        return self._residual(y, x)
+
+
+class InvertedResidual(_Block):
+    """MBConv: 1x1 expand, BN, SiLU, depthwise conv, BN, SiLU, SE, 1x1 project, BN (+ skip)."""
+    CONV_BN_PAIRS = (("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3"))
+
+    def __init__(self, in_chs: int, out_chs: int, kernel: int, stride: int, expand: int,
+                 drop_path_rate: float):
+        super().__init__(in_chs, out_chs, stride, drop_path_rate)
+        mid = in_chs * expand
+        self.conv_pw = nn.Conv2d(in_chs, mid, 1, bias=False)
+        self.bn1 = _bn(mid)
+        self.conv_dw = Conv2dSame(mid, mid, kernel, stride, groups=mid)
+        self.bn2 = _bn(mid)
+        self.se = SqueezeExcite(mid, in_chs // 4)
+        self.conv_pwl = nn.Conv2d(mid, out_chs, 1, bias=False)
+        self.bn3 = _bn(out_chs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.silu(self.bn1(self.conv_pw(x)), inplace=True)
+        y = F.silu(self.bn2(self.conv_dw(y)), inplace=True)
+        return self._residual(self.bn3(self.conv_pwl(self.se(y))), x)
+
+
+class EfficientNetB0(nn.Module):
+    """timm `tf_efficientnet_b0` without classifier: forward returns the top activation
+    (N,1280,H/32,W/32), Keras `top_activation`. State dict keys are timm's (conv_stem, bn1,
+    blocks.<stage>.<block>.*, conv_head, bn2)."""
+    CONV_BN_PAIRS = (("conv_stem", "bn1"), ("conv_head", "bn2"))
+
+    def __init__(self, drop_path_rate: float = 0.0):
+        super().__init__()
+        self.conv_stem = Conv2dSame(3, B0_STEM, 3, 2)
+        self.bn1 = _bn(B0_STEM)
+        total = sum(stage[4] for stage in B0_STAGES)
+        in_chs, index, stages = B0_STEM, 0, []
+        for expand, kernel, stride, out_chs, repeats in B0_STAGES:
+            blocks = []
+            for j in range(repeats):
+                # timm/Keras: the rate grows linearly with the block's index over all 16 blocks
+                rate, s = drop_path_rate * index / total, stride if j == 0 else 1
+                blocks.append(DepthwiseSeparableConv(in_chs, out_chs, kernel, s, rate) if expand == 1
+                              else InvertedResidual(in_chs, out_chs, kernel, s, expand, rate))
+                in_chs, index = out_chs, index + 1
+            stages.append(nn.Sequential(*blocks))
+        self.blocks = nn.Sequential(*stages)
+        self.conv_head = nn.Conv2d(in_chs, NUM_FEATURES, 1, bias=False)
+        self.bn2 = _bn(NUM_FEATURES)
+        if not self.conv_stem.weight.is_meta:  # meta: weights come from a checkpoint (and
+            self._init_weights()               # normal_ on meta imports ~900 modules, +115 MB)
+
+    def _init_weights(self) -> None:
+        """TensorFlow's initialisers, as timm's _init_weight_goog."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
+                nn.init.normal_(module.weight, 0, math.sqrt(2.0 / (fan_out // module.groups)))
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.silu(self.bn1(self.conv_stem(x)), inplace=True)
+        x = self.blocks(x)
+        return F.silu(self.bn2(self.conv_head(x)), inplace=True)
+
+
 class EfficientNetB0FeatureExtractor(nn.Module):
-    """timm `tf_efficientnet_b0` (TF-SAME padding, BN eps 1e-3) returning the top activation.
+    """EfficientNetB0 (timm `tf_efficientnet_b0` layout: TF-SAME padding, BN eps 1e-3) in
+    `self.body`, returning the top activation.
 
     Equals the Keras `top_activation` output (N,H,W,1280) of qubvel's and keras.applications'
-    EfficientNetB0, as (N,1280,H,W).
+    EfficientNetB0, as (N,1280,H,W). timm is imported only to download pretrained weights.
     """
 
     def __init__(self, weights: str | None = None, drop_path_rate: float = 0.0,
                  bn_momentum: float = 0.01, arch: str = "tf_efficientnet_b0",
                  weights_dir: str | os.PathLike | None = None):
         super().__init__()
-        import timm
-        self.body = timm.create_model(arch, pretrained=False, num_classes=0, global_pool="",
-                                      drop_path_rate=drop_path_rate)
+        if arch != "tf_efficientnet_b0":
+            raise CRBLError(f"backbone architecture {arch!r} is not supported: CRBL uses "
+                            "'tf_efficientnet_b0'")
+        self.body = EfficientNetB0(drop_path_rate)
         for m in self.body.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.momentum = bn_momentum
@@ -241,7 +394,7 @@ class EfficientNetB0FeatureExtractor(nn.Module):
         unexpected = sorted(set(state) - set(own))
         wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
         if missing or unexpected or wrong:
-            raise CRBLError(f"backbone weights {weights!r} do not fit {self.body.default_cfg.get('architecture')}: "
+            raise CRBLError(f"backbone weights {weights!r} do not fit tf_efficientnet_b0: "
                             f"missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]}")
         self.body.load_state_dict(state, strict=True)
 
@@ -260,7 +413,7 @@ class EfficientNetB0FeatureExtractor(nn.Module):
         return model.state_dict()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body.forward_features(x)
+        return self.body(x)
 
 
 # --------------------------------------------------------------------------------------------
@@ -692,14 +845,6 @@ def _both_backbones_at_once(backbone1: nn.Module, backbone2: nn.Module, x: torch
     return a, b
 
 
-# Which convolution feeds which BatchNorm, per timm EfficientNet module class.
-_CONV_BN_PAIRS = {
-    "EfficientNet": (("conv_stem", "bn1"), ("conv_head", "bn2")),
-    "DepthwiseSeparableConv": (("conv_dw", "bn1"), ("conv_pw", "bn2")),
-    "InvertedResidual": (("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3")),
-}
-
-
 def _cpu_f64(t: torch.Tensor) -> torch.Tensor:
     return t.detach().cpu().double()  # on the CPU: DirectML has no float64
 
@@ -717,7 +862,7 @@ def fold_batchnorm(model: CRBLModel) -> int:
         raise CRBLError("fold_batchnorm is for inference: call model.eval() first")
     folded = 0
     for module in model.modules():
-        for conv_name, bn_name in _CONV_BN_PAIRS.get(type(module).__name__, ()):
+        for conv_name, bn_name in getattr(module, "CONV_BN_PAIRS", ()):  # conv -> its BN
             conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
             if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
                     and bn.track_running_stats and bn.affine):
@@ -727,9 +872,7 @@ def fold_batchnorm(model: CRBLModel) -> int:
             bias = shift if conv.bias is None else _cpu_f64(conv.bias) * scale + shift
             conv.weight.copy_(_cpu_f64(conv.weight) * scale.view(-1, 1, 1, 1))
             conv.bias = nn.Parameter(bias.to(conv.weight), requires_grad=False)
-            rest = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None))
-                    if m is not None and not isinstance(m, nn.Identity)]
-            setattr(module, bn_name, nn.Sequential(*rest))  # empty Sequential = identity
+            setattr(module, bn_name, nn.Identity())  # the SiLU after it stays in forward
             folded += 1
     model.batchnorm_folded = model.batchnorm_folded or folded > 0
     return folded
@@ -980,7 +1123,6 @@ def model_from_checkpoint(payload: dict, path: str | os.PathLike = "checkpoint")
     device, it holds no random weights of its own, so loading needs no second copy of the
     weights (a peak of ~40 MB less) and no random initialisation. The model shares its tensors
     with payload["state_dict"]: build a second model from a second payload, not the same one."""
-    import timm  # noqa: F401 - imported outside the meta context: no import-time tensor on meta
     with torch.device("meta"):
         model = CRBLModel(CRBLConfig.from_dict(payload["config"]))
     # float32 like the model (a float64 or float16 file would otherwise set the weights' dtype)

@@ -1,6 +1,7 @@
 """model_pytorch_directml.py: bilinear pooling semantics, freezing, devices, checkpoints."""
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -376,6 +377,66 @@ def offline_hub(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+
+
+def test_backbone_equals_timm_tf_efficientnet_b0():
+    """Our EfficientNet-B0 is timm's tf_efficientnet_b0 (which the converter maps Keras onto):
+    the same state dict keys and shapes, and bit-identical outputs and gradients on timm's
+    weights, in eval and in training (batch statistics, drop path from the same seed)."""
+    timm = pytest.importorskip("timm")
+    reference = timm.create_model("tf_efficientnet_b0", num_classes=0, global_pool="",
+                                  drop_path_rate=0.2)
+    ours = mp.EfficientNetB0(drop_path_rate=0.2)
+    state = reference.state_dict()
+    assert [(k, v.shape) for k, v in ours.state_dict().items()] == [(k, v.shape) for k, v in state.items()]
+    g = torch.Generator().manual_seed(1)
+    for k, v in state.items():  # BN statistics that do not leave the features near zero
+        if k.endswith("running_var"):
+            v.copy_(torch.rand(v.shape, generator=g) + 0.5)
+        elif k.endswith("running_mean"):
+            v.copy_(torch.randn(v.shape, generator=g) * 0.1)
+    ours.load_state_dict(state, strict=True)
+    x = torch.rand(2, 3, 97, 130)  # odd sizes: TensorFlow SAME padding is asymmetric there
+    reference.eval(), ours.eval()
+    with torch.no_grad():
+        expected = reference.forward_features(x)
+        assert expected.std() > 0.05 and torch.equal(ours(x), expected)
+        cl = x.contiguous(memory_format=torch.channels_last)
+        assert torch.equal(ours.to(memory_format=torch.channels_last)(cl),
+                           reference.to(memory_format=torch.channels_last).forward_features(cl))
+    reference.train(), ours.train()
+    torch.manual_seed(3)
+    expected = reference.forward_features(x)
+    torch.manual_seed(3)
+    got = ours(x)
+    assert torch.equal(got, expected)
+    (expected.square().mean() + got.square().mean()).backward()
+    for (name, p_ref), p_ours in zip(reference.named_parameters(), ours.parameters()):
+        assert torch.equal(p_ours.grad, p_ref.grad), name
+    assert all(torch.equal(ours.state_dict()[k], v) for k, v in reference.state_dict().items())
+
+
+def test_inference_imports_neither_timm_nor_torchvision(tmp_path):
+    """Loading a checkpoint and scoring needs neither: timm imports torchvision, ~200 MB of
+    resident memory before any model; building on the meta device must not pull in sympy &co
+    (normal_ on a meta tensor does)."""
+    import subprocess
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "m.pth", CRBLModel(CRBLConfig(image_size=64)))
+    code = ("import sys, torch, model_pytorch_directml as mp\n"
+            f"m = mp.load_model({str(tmp_path / 'm.pth')!r}); mp.fold_batchnorm(m)\n"
+            "with torch.inference_mode(): p = m.predict_proba(torch.rand(2, 3, 64, 64))\n"
+            "assert p.shape == (2, 1)\n"
+            "print(sorted({n.split('.')[0] for n in sys.modules} & {'timm', 'torchvision', 'sympy'}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=str(Path(mp.__file__).parent))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_only_tf_efficientnet_b0():
+    with pytest.raises(CRBLError, match="tf_efficientnet_b1"):
+        CRBLModel(CRBLConfig(backbone_arch="tf_efficientnet_b1"))
 
 
 def test_pretrained_offline_is_a_clear_error(monkeypatch, tmp_path, offline_hub):
