@@ -208,7 +208,7 @@ class TorchWorker:
         with torch.inference_mode(), self.autocast(what not in ("forward_fp32", "probs")):
             if what in ("forward", "forward_fp32"):
                 self.sync(m(self.x))
-            elif what == "backbones":  # the practical limit: the two bare timm backbones
+            elif what == "backbones":  # the practical limit: the two bare backbones
                 m.backbone1(self.x)
                 self.sync(m.backbone2(self.x))
             elif what == "compiled":

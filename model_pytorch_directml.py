@@ -61,8 +61,10 @@ class CRBLError(Exception):
 # Keras EfficientNetB0 layer table
 # --------------------------------------------------------------------------------------------
 
-# (repeats, expand_ratio, has_stride_or_channel_change_on_first) per stage of B0.
-_B0_STAGES = ((1, 1), (2, 6), (2, 6), (3, 6), (3, 6), (4, 6), (1, 6))
+# (expand ratio, kernel, stride, output channels, repeats) per stage: EfficientNet-B0.
+B0_STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
+             (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
+B0_STEM, B0_BN_EPS = 32, 1e-3
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ def keras_layer_table() -> list[KerasLayer]:
     rows: list[tuple[str, str, str | None]] = [
         ("input_1", "InputLayer", None), ("stem_conv", "Conv2D", "conv_stem"),
         ("stem_bn", "BatchNormalization", "bn1"), ("stem_activation", "Activation", None)]
-    for stage, (repeats, expand) in enumerate(_B0_STAGES):
+    for stage, (expand, _kernel, _stride, _out, repeats) in enumerate(B0_STAGES):
         for j in range(repeats):
             rows += _block_layers(stage, j, expand, skip=j > 0)
     rows += [("top_conv", "Conv2D", "conv_head"), ("top_bn", "BatchNormalization", "bn2"),
@@ -207,34 +209,43 @@ def read_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return obj
 
 
-# EfficientNet-B0 (tf_efficientnet_b0), written out here rather than built by timm: the same
-# modules, parameter names, initialisers and arithmetic as timm 1.0's (bit-identical outputs,
+# EfficientNet-B0 (tf_efficientnet_b0), written out here rather than built by timm 1.0: its
+# parameter names, layer order and arithmetic (outputs and gradients bit-identical to timm's,
 # tests/test_model.py), so timm state dicts, hub weights and every checkpoint load unchanged.
-# Why: timm imports torchvision, and the two take ~200 MB of resident memory before any model;
-# a batch-1 CPU inference process peaked at ~790 MB with them and ~590 MB without.
+# Fewer modules than timm's (no BatchNormAct2d, DropPath or Identity placeholders), and random
+# initialisation draws the same distributions in a different order (timm also builds throwaway
+# SE layers). Why: timm imports torchvision (and with them sympy, torch._dynamo, ...), ~200 MB
+# of resident memory before any model; a batch-1 CPU inference process peaked at ~790 MB with
+# them and ~590 MB without.
 
-# (expand ratio, kernel, stride, output channels, repeats) per stage: EfficientNet-B0.
-B0_STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
-             (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
-B0_STEM, B0_BN_EPS = 32, 1e-3
+
+def _same_padding(size, kernel: int, stride: int):
+    """Total TensorFlow "SAME" padding along one axis. torch.jit.trace (ONNX export) hands sizes
+    over as tensors: tensor math keeps the padding a function of the input size in the graph
+    instead of a constant for the traced size."""
+    if isinstance(size, torch.Tensor):
+        return torch.clamp(((size / stride).ceil() - 1) * stride + kernel - size, min=0)
+    return max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
 
 
 class Conv2dSame(nn.Conv2d):
-    """TensorFlow "SAME" padding. Stride 1 pads k//2 on every side, as a plain Conv2d does;
-    stride 2 pads the bottom/right one more than the top/left where the total is odd, sized
-    from the input (timm Conv2dSame, Keras padding="same")."""
+    """TensorFlow "SAME" padding for odd kernels (all of B0's). Stride 1 pads k//2 on every
+    side, as a plain Conv2d does; stride 2 pads the bottom/right one more than the top/left where
+    the total is odd, sized from the input (timm Conv2dSame, Keras padding="same")."""
 
     def __init__(self, in_chs: int, out_chs: int, kernel: int, stride: int = 1, groups: int = 1,
                  bias: bool = False):
+        if kernel % 2 == 0:
+            raise ValueError(f"Conv2dSame: odd kernels only, got {kernel}")
         super().__init__(in_chs, out_chs, kernel, stride, padding=kernel // 2 if stride == 1 else 0,
                          groups=groups, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride[0] == 1:
             return super().forward(x)
-        (kh, kw), (sh, sw) = self.kernel_size, self.stride
-        pad_h = max((math.ceil(x.shape[-2] / sh) - 1) * sh + kh - x.shape[-2], 0)
-        pad_w = max((math.ceil(x.shape[-1] / sw) - 1) * sw + kw - x.shape[-1], 0)
+        height, width = x.size()[-2:]
+        pad_h = _same_padding(height, self.kernel_size[0], self.stride[0])
+        pad_w = _same_padding(width, self.kernel_size[1], self.stride[1])
         x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
         return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
@@ -247,8 +258,8 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Stochastic depth per sample (Keras drop_connect: Dropout with noise_shape (N,1,1,1))."""
     if p == 0.0 or not training:
         return x
-    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p).div_(1 - p)
-    return x * keep
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p)
+    return x * (keep.div_(1 - p) if p < 1 else keep)
 
 
 class SqueezeExcite(nn.Module):

@@ -416,6 +416,31 @@ def test_backbone_equals_timm_tf_efficientnet_b0():
     assert all(torch.equal(ours.state_dict()[k], v) for k, v in reference.state_dict().items())
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")  # deprecated, still ONNX's tracer
+def test_backbone_traced_at_one_size_runs_right_at_another():
+    """torch.jit.trace (what ONNX export uses) must keep TensorFlow SAME padding a function of
+    the input size, not the constant of the traced size: odd and even sizes, both strides."""
+    torch.manual_seed(0)
+    body = mp.EfficientNetB0().eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(body, torch.rand(1, 3, 33, 33), check_trace=False)
+    with torch.no_grad():
+        for size in ((40, 37), (64, 64), (31, 45)):
+            x = torch.rand(2, 3, *size)
+            expected = body(x)
+            got = traced(x)
+            assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-6), size
+
+
+def test_drop_path_edges():
+    torch.manual_seed(0)
+    x = torch.ones(64, 2, 1, 1)
+    assert torch.equal(mp.drop_path(x, 1.0, training=True), torch.zeros_like(x))  # not NaN
+    assert torch.equal(mp.drop_path(x, 0.5, training=False), x)
+    kept = mp.drop_path(x, 0.5, training=True)[:, 0, 0, 0]
+    assert set(kept.tolist()) <= {0.0, 2.0} and 0 < kept.count_nonzero() < 64  # per sample, rescaled
+
+
 def test_inference_imports_neither_timm_nor_torchvision(tmp_path):
     """Loading a checkpoint and scoring needs neither: timm imports torchvision, ~200 MB of
     resident memory before any model; building on the meta device must not pull in sympy &co

@@ -23,7 +23,7 @@ def images(n, seed):
 @pytest.fixture(scope="module")
 def model():
     """A random 64 px model with realistic activations: BN statistics set from a batch of images
-    (random-init timm features are ~1e-5, where every path agrees trivially), and a head that
+    (random-init features are ~1e-5, where every path agrees trivially), and a head that
     spreads probabilities away from 0.5."""
     torch.manual_seed(0)
     model = CRBLModel(CRBLConfig(image_size=64))
