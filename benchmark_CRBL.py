@@ -5,7 +5,8 @@
     python benchmark_CRBL.py --device cuda --amp --weights model.weights.h5 --batch-sizes 1 32 128
 
 For each image size and batch size it reports, as ratios of speeds measured side by side:
-(a) the CRBL forward pass vs the two bare EfficientNetB0 backbones (the practical limit);
+(a) the CRBL forward pass vs its two EfficientNetB0 backbones alone, run as CRBL runs them (one
+twin network on small CPU batches): the practical limit, what the head and input scaling cost;
 (b) the CRBL forward vs the original Keras model under tf.function, same weights, inputs and
 threads (when TensorFlow, tf-keras and efficientnet are installed, as in requirements-dev.txt);
 (c) inference_CRBL_pytorch_directml.py end to end (PNG files -> CSV) in steady state, and with
@@ -208,9 +209,8 @@ class TorchWorker:
         with torch.inference_mode(), self.autocast(what not in ("forward_fp32", "probs")):
             if what in ("forward", "forward_fp32"):
                 self.sync(m(self.x))
-            elif what == "backbones":  # the practical limit: the two bare backbones
-                m.backbone1(self.x)
-                self.sync(m.backbone2(self.x))
+            elif what == "backbones":  # the practical limit: both backbones, as CRBL runs them
+                self.sync(m.features(self.x)[1])  # (one twin network on small CPU batches)
             elif what == "compiled":
                 self.sync(self.compiled_model()(self.x))
             elif what == "forward_n":

@@ -97,6 +97,7 @@ def test_compile_failure_is_one_line_error_before_any_output(checkpoint, tmp_pat
         def fail(x):
             raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n(traceback...)")
         model.backbone1.forward = fail
+        model.parallel_backbones = False  # as compile_for_inference: the compiled backbones run
     monkeypatch.setattr(inference, "compile_for_inference", broken_compile)
     write_images(tmp_path / "imgs", ["a.png"])
     out = tmp_path / "preds.csv"

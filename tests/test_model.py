@@ -253,6 +253,68 @@ def small_model():
     return CRBLModel(CRBLConfig(image_size=64))
 
 
+def _varied_batchnorm_statistics(model, seed: int = 2) -> None:
+    """Random BN statistics: features that differ between channels and images (not collapsed)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+
+
+def test_folded_model_runs_both_backbones_as_one_twin_network(small_model, monkeypatch):
+    """fold_batchnorm also builds the twin: both backbones as one network of grouped
+    convolutions for small CPU inference batches, equal to the two up to float32 rounding, over
+    the same tensors (the backbones' parameters become views of the twin's)."""
+    _varied_batchnorm_statistics(small_model)
+    mp.fold_batchnorm(small_model.eval())
+    small_model.set_channels_last(True)  # new tensors: the twin is rebuilt over them
+    calls = []
+    for name in ("backbone1", "backbone2"):
+        getattr(small_model, name).register_forward_hook(lambda *_, n=name: calls.append(n))
+    x = torch.rand(3, 3, 67, 61)  # odd sizes: the stride-2 convolutions pad asymmetrically
+
+    def features():
+        with torch.inference_mode():
+            return small_model.features(x)
+
+    twin_a, twin_b = features()
+    assert calls == []  # neither backbone ran on its own
+    small_model.parallel_backbones = False  # as compile_for_inference does
+    a, b = features()
+    assert calls == ["backbone1", "backbone2"]
+    assert a.std() > 0.05 and b.std() > 0.05 and (a - b).abs().max() > 0.1
+    torch.testing.assert_close(twin_a, a, rtol=0, atol=1e-5)
+    torch.testing.assert_close(twin_b, b, rtol=0, atol=1e-5)
+    small_model.parallel_backbones = True
+    monkeypatch.setattr(mp, "TWIN_MAX_PIXELS", 2 * 67 * 61)  # above it: the backbones themselves
+    features()
+    assert calls[2:] == ["backbone1", "backbone2"]
+    monkeypatch.undo()
+    small_model.features(x)  # nor under autograd
+    assert calls[4:] == ["backbone1", "backbone2"]
+
+    twin = small_model._twin
+    bodies = (small_model.backbone1.body, small_model.backbone2.body)
+    for key, tensor in twin.state_dict().items():
+        for body in bodies:
+            assert (body.get_parameter(key).untyped_storage().data_ptr()
+                    == tensor.untyped_storage().data_ptr()), key
+    with torch.no_grad():  # an in-place change to a backbone is the twin's too
+        bodies[1].blocks[3][1].conv_pw.weight.mul_(1.5)
+    changed_b = features()[1]
+    assert (changed_b - twin_b).abs().max() > 1e-3
+    small_model.parallel_backbones = False
+    torch.testing.assert_close(changed_b, features()[1], rtol=0, atol=1e-5)
+    small_model.parallel_backbones = True
+    import copy
+    clone = copy.deepcopy(small_model)  # all-new tensors: the copy builds its own twin
+    with torch.inference_mode():
+        torch.testing.assert_close(clone.features(x)[1], changed_b, rtol=0, atol=0)
+    assert (clone._twin.conv_stem.weight.untyped_storage().data_ptr()
+            == clone.backbone1.body.conv_stem.weight.untyped_storage().data_ptr())
+
+
 def test_forward_paths_agree(small_model):
     x = torch.rand(2, 3, 64, 64)
     small_model.eval()
