@@ -262,10 +262,12 @@ def _varied_batchnorm_statistics(model, seed: int = 2) -> None:
             m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
 
 
-def test_folded_model_runs_both_backbones_as_one_twin_network(small_model, monkeypatch):
+def test_folded_model_runs_both_backbones_as_one_twin_network(monkeypatch):
     """fold_batchnorm also builds the twin: both backbones as one network of grouped
     convolutions for small CPU inference batches, equal to the two up to float32 rounding, over
     the same tensors (the backbones' parameters become views of the twin's)."""
+    torch.manual_seed(0)
+    small_model = CRBLModel(CRBLConfig(image_size=64))  # its own: folding is for good
     _varied_batchnorm_statistics(small_model)
     mp.fold_batchnorm(small_model.eval())
     small_model.set_channels_last(True)  # new tensors: the twin is rebuilt over them
@@ -289,7 +291,7 @@ def test_folded_model_runs_both_backbones_as_one_twin_network(small_model, monke
     small_model.parallel_backbones = True
     monkeypatch.setattr(mp, "TWIN_MAX_PIXELS", 2 * 67 * 61)  # above it: the backbones themselves
     features()
-    assert calls[2:] == ["backbone1", "backbone2"]
+    assert sorted(calls[2:]) == ["backbone1", "backbone2"]  # side by side: either may end first
     monkeypatch.undo()
     small_model.features(x)  # nor under autograd
     assert calls[4:] == ["backbone1", "backbone2"]
