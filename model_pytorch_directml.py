@@ -796,13 +796,17 @@ class CRBLModel(nn.Module):
         return twin
 
     def _rebuild_twin(self) -> EfficientNetB0 | None:
-        self.__dict__["_twin"] = _twin_backbones(self.backbone1.body, self.backbone2.body)
+        """Only on the CPU, the one place it runs: on CUDA and DirectML the backbones' tensors
+        stay their own (no views for DirectML to handle)."""
+        on_cpu = self.backbone1.body.conv_stem.weight.device.type == "cpu"
+        self.__dict__["_twin"] = (_twin_backbones(self.backbone1.body, self.backbone2.body)
+                                  if self.batchnorm_folded and on_cpu else None)
         return self._twin
 
     def _apply(self, fn, recurse=True):
         """.to(), .float(), a memory format...: new tensors for every parameter, so a new twin."""
         super()._apply(fn, recurse)
-        if self._twin is not None:
+        if self.batchnorm_folded:
             self._rebuild_twin()
         return self
 

@@ -315,6 +315,7 @@ def test_folded_model_runs_both_backbones_as_one_twin_network(monkeypatch):
         torch.testing.assert_close(clone.features(x)[1], changed_b, rtol=0, atol=0)
     assert (clone._twin.conv_stem.weight.untyped_storage().data_ptr()
             == clone.backbone1.body.conv_stem.weight.untyped_storage().data_ptr())
+    assert clone.to("meta")._twin is None  # off the CPU (CUDA, DirectML): no twin, no views
 
 
 def test_forward_paths_agree(small_model):
