@@ -508,8 +508,8 @@ def _head_terms(phi, w, eps, dot, sq):
 
 FUSED_HEAD_ENV = "CRBL_FUSED_HEAD"
 # Where the one-pass kernel pays. It runs on one thread: torch's element-wise ops caught up with
-# it at 4 threads and were faster from 8 (16-core machine). At batch 1 it saves ~1.7 ms of a
-# ~35 ms forward, less than loading numba costs a short run (~0.3-1 s, ~100 MB).
+# it at 4 threads and were faster from 8 (16-core machine). At batch 1 it saves ~2 ms of a
+# ~31 ms forward (128 px, 2 cores), less than loading numba costs a short run (~0.3-1 s, ~100 MB).
 FUSED_HEAD_MAX_THREADS = 2
 FUSED_HEAD_MIN_BATCH = 2
 _fused_head: Any = None  # numba's compiled _head_terms once built; False: not available
