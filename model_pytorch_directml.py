@@ -778,37 +778,70 @@ class CRBLModel(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         if (self.parallel_backbones and not self.training and not torch.is_grad_enabled()
                 and x.device.type == "cpu" and not _capturing_graph()):
-            if self._twin is not None and len(x) * x.shape[-2] * x.shape[-1] <= TWIN_MAX_PIXELS:
-                y = self._current_twin()(x)
+            if (self._twin is not None and len(x) * x.shape[-2] * x.shape[-1] <= TWIN_MAX_PIXELS
+                    and self._twin_is_current()):
+                y = self._twin(x)
                 return y[:, :NUM_FEATURES], y[:, NUM_FEATURES:]
             if len(x) <= PARALLEL_BACKBONES_MAX_BATCH and torch.get_num_threads() > 1:
                 return _both_backbones_at_once(self.backbone1, self.backbone2, x)
         return self.backbone1(x), self.backbone2(x)
 
-    def _current_twin(self) -> EfficientNetB0:
-        """The twin network, rebuilt over the backbones' tensors where they are no longer its
-        (a deepcopy, or parameters replaced by hand)."""
-        twin = self._twin
-        if (twin.conv_stem.weight.untyped_storage().data_ptr()
-                != self.backbone1.body.conv_stem.weight.untyped_storage().data_ptr()):
-            with torch.inference_mode(False):
-                twin = self._rebuild_twin()
-        return twin
+    def _twin_is_current(self) -> bool:
+        """Whether the backbones still hold the modules and parameters the twin was joined from,
+        each parameter still its view (~0.3 ms on 2 cores). Not after a backbone, a layer or a
+        parameter was replaced or converted on its own: the backbones then run themselves (a
+        forward never rebuilds the twin: threads may share a model)."""
+        if self._twin is None:
+            return False
+        modules, params = self.__dict__["_twin_sources"]
+        return (all(parent._modules.get(name) is child for parent, name, child in modules)
+                and all(module._parameters.get(name) is p and p.data_ptr() - t.data_ptr() == at
+                        for module, name, p, t, at in params))
 
-    def _rebuild_twin(self) -> EfficientNetB0 | None:
-        """Only on the CPU, the one place it runs: on CUDA and DirectML the backbones' tensors
-        stay their own (no views for DirectML to handle)."""
+    def _rebuild_twin(self) -> None:
+        """Join the folded backbones into the twin again, over their current tensors. Only on
+        the CPU, the one place it runs: on CUDA and DirectML they keep tensors of their own."""
         on_cpu = self.backbone1.body.conv_stem.weight.device.type == "cpu"
-        self.__dict__["_twin"] = (_twin_backbones(self.backbone1.body, self.backbone2.body)
-                                  if self.batchnorm_folded and on_cpu else None)
-        return self._twin
+        twin = (_twin_backbones(self.backbone1.body, self.backbone2.body)
+                if self.batchnorm_folded and on_cpu else None)
+        self.__dict__["_twin"] = twin
+        if twin is not None:
+            self.__dict__["_twin_sources"] = self._twin_links(twin)
+
+    def _twin_links(self, twin: EfficientNetB0) -> tuple[list, list]:
+        """What _twin_is_current checks: every (parent, name, submodule) from this model down
+        through both backbones, and every (module, name, parameter, twin tensor, offset)."""
+        modules, params = [], []
+        for backbone in (self.backbone1, self.backbone2):
+            modules += [(self, n, c) for n, c in self._modules.items() if c is backbone]
+            modules.append((backbone, "body", backbone.body))
+            for prefix, parent in backbone.body.named_modules():
+                modules += [(parent, n, c) for n, c in parent._modules.items()]
+                for name, p in parent._parameters.items():
+                    if p is not None:
+                        t = twin.get_parameter(f"{prefix}.{name}" if prefix else name)
+                        params.append((parent, name, p, t, p.data_ptr() - t.data_ptr()))
+        return modules, params
 
     def _apply(self, fn, recurse=True):
-        """.to(), .float(), a memory format...: new tensors for every parameter, so a new twin."""
+        """.to(), .float(), a memory format: new tensors, so a new twin (not when the tensors
+        stayed, as with .to() to where they are or share_memory())."""
         super()._apply(fn, recurse)
-        if self.batchnorm_folded:
+        if self.batchnorm_folded and not self._twin_is_current():
             self._rebuild_twin()
         return self
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_twin"] = None  # a deepcopy or an unpickled model joins its own tensors
+        state.pop("_twin_sources", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_twin", None)  # a model pickled before the twin existed
+        if self.__dict__.get("batchnorm_folded"):
+            self._rebuild_twin()
 
     def set_channels_last(self, enabled: bool = True) -> "CRBLModel":
         """NHWC convolutions: ~1.3-1.5x faster backbones on CPU and CUDA. Not on DirectML,

@@ -262,59 +262,101 @@ def _varied_batchnorm_statistics(model, seed: int = 2) -> None:
             m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
 
 
-def test_folded_model_runs_both_backbones_as_one_twin_network(monkeypatch):
-    """fold_batchnorm also builds the twin: both backbones as one network of grouped
-    convolutions for small CPU inference batches, equal to the two up to float32 rounding, over
-    the same tensors (the backbones' parameters become views of the twin's)."""
+@pytest.fixture
+def twin_model():
+    """A folded (so twin-joined) channels_last model of its own: folding is for good."""
     torch.manual_seed(0)
-    small_model = CRBLModel(CRBLConfig(image_size=64))  # its own: folding is for good
-    _varied_batchnorm_statistics(small_model)
-    mp.fold_batchnorm(small_model.eval())
-    small_model.set_channels_last(True)  # new tensors: the twin is rebuilt over them
+    model = CRBLModel(CRBLConfig(image_size=64))
+    _varied_batchnorm_statistics(model)
+    mp.fold_batchnorm(model.eval())
+    return model.set_channels_last(True)  # new tensors: the twin is joined over them again
+
+
+def _record_backbone_calls(model) -> list[str]:
     calls = []
     for name in ("backbone1", "backbone2"):
-        getattr(small_model, name).register_forward_hook(lambda *_, n=name: calls.append(n))
+        getattr(model, name).register_forward_hook(lambda *_, n=name: calls.append(n))
+    return calls
+
+
+def _features(model, x):
+    with torch.inference_mode():
+        return model.features(x)
+
+
+def test_twin_network_equals_the_two_backbones(twin_model, monkeypatch):
+    """fold_batchnorm joins both backbones into one network of grouped convolutions, run for
+    CPU inference batches of up to TWIN_MAX_PIXELS pixels per channel; equal to the two backbones
+    up to float32 rounding."""
+    calls = _record_backbone_calls(twin_model)
     x = torch.rand(3, 3, 67, 61)  # odd sizes: the stride-2 convolutions pad asymmetrically
-
-    def features():
-        with torch.inference_mode():
-            return small_model.features(x)
-
-    twin_a, twin_b = features()
+    monkeypatch.setattr(mp, "TWIN_MAX_PIXELS", 3 * 67 * 61)  # at the limit: still the twin
+    twin_a, twin_b = _features(twin_model, x)
     assert calls == []  # neither backbone ran on its own
-    small_model.parallel_backbones = False  # as compile_for_inference does
-    a, b = features()
+    twin_model.parallel_backbones = False  # as compile_for_inference does
+    a, b = _features(twin_model, x)
     assert calls == ["backbone1", "backbone2"]
     assert a.std() > 0.05 and b.std() > 0.05 and (a - b).abs().max() > 0.1
     torch.testing.assert_close(twin_a, a, rtol=0, atol=1e-5)
     torch.testing.assert_close(twin_b, b, rtol=0, atol=1e-5)
-    small_model.parallel_backbones = True
-    monkeypatch.setattr(mp, "TWIN_MAX_PIXELS", 2 * 67 * 61)  # above it: the backbones themselves
-    features()
+    twin_model.parallel_backbones = True
+    monkeypatch.setattr(mp, "TWIN_MAX_PIXELS", 3 * 67 * 61 - 1)  # above it: the backbones
+    _features(twin_model, x)
     assert sorted(calls[2:]) == ["backbone1", "backbone2"]  # side by side: either may end first
-    monkeypatch.undo()
-    small_model.features(x)  # nor under autograd
+    twin_model.features(x)  # nor under autograd
     assert calls[4:] == ["backbone1", "backbone2"]
 
-    twin = small_model._twin
-    bodies = (small_model.backbone1.body, small_model.backbone2.body)
+
+def test_twin_network_shares_the_backbones_tensors(twin_model):
+    """The backbones' parameters are views of the twin's: one copy of the weights, and an
+    in-place change to a backbone is the twin's too."""
+    twin = twin_model._twin
+    bodies = (twin_model.backbone1.body, twin_model.backbone2.body)
     for key, tensor in twin.state_dict().items():
         for body in bodies:
             assert (body.get_parameter(key).untyped_storage().data_ptr()
                     == tensor.untyped_storage().data_ptr()), key
-    with torch.no_grad():  # an in-place change to a backbone is the twin's too
-        bodies[1].blocks[3][1].conv_pw.weight.mul_(1.5)
-    changed_b = features()[1]
-    assert (changed_b - twin_b).abs().max() > 1e-3
-    small_model.parallel_backbones = False
-    torch.testing.assert_close(changed_b, features()[1], rtol=0, atol=1e-5)
-    small_model.parallel_backbones = True
+    x = torch.rand(2, 3, 64, 64)
+    before = _features(twin_model, x)[1]
+    with torch.no_grad():
+        bodies[1].conv_head.weight.mul_(2.0)
+    after = _features(twin_model, x)[1]
+    assert (after - before).abs().max() > 1e-3
+    twin_model.parallel_backbones = False
+    torch.testing.assert_close(after, _features(twin_model, x)[1], rtol=0, atol=1e-5)
+    assert twin_model.to("cpu")._twin is twin  # tensors unchanged: the same twin
+
+
+def test_twin_network_never_runs_stale_weights(twin_model):
+    """A replaced backbone parameter: the backbones run themselves. A deepcopy or an unpickled
+    model joins its own tensors; off the CPU there is no twin."""
     import copy
-    clone = copy.deepcopy(small_model)  # all-new tensors: the copy builds its own twin
-    with torch.inference_mode():
-        torch.testing.assert_close(clone.features(x)[1], changed_b, rtol=0, atol=0)
-    assert (clone._twin.conv_stem.weight.untyped_storage().data_ptr()
-            == clone.backbone1.body.conv_stem.weight.untyped_storage().data_ptr())
+    import pickle
+    import threading
+    x = torch.rand(2, 3, 64, 64)
+    expected = _features(copy.deepcopy(twin_model).set_channels_last(True), x)[1]
+    clone = copy.deepcopy(twin_model)
+    assert clone._twin is not None and clone._twin_is_current()
+    results = [None] * 4  # a forward changes nothing: threads may share a model
+
+    def run(i):
+        results[i] = _features(clone, x)[1]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got in results:
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    unpickled = pickle.loads(pickle.dumps(twin_model))
+    assert unpickled._twin_is_current()
+    calls = _record_backbone_calls(twin_model)
+    conv = twin_model.backbone2.body.conv_head
+    conv.weight = torch.nn.Parameter(conv.weight.detach() * 2, requires_grad=False)
+    assert not twin_model._twin_is_current()
+    changed = _features(twin_model, x)[1]
+    assert sorted(calls) == ["backbone1", "backbone2"] and (changed - expected).abs().max() > 1e-3
     assert clone.to("meta")._twin is None  # off the CPU (CUDA, DirectML): no twin, no views
 
 
