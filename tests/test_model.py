@@ -347,8 +347,8 @@ def test_twin_network_never_runs_stale_weights(twin_model):
         t.start()
     for t in threads:
         t.join()
-    for got in results:
-        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    for got in results:  # (threads may split their sums differently: not bit for bit)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     unpickled = pickle.loads(pickle.dumps(twin_model))
     assert unpickled._twin_is_current()
     calls = _record_backbone_calls(twin_model)
