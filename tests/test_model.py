@@ -262,13 +262,18 @@ def _varied_batchnorm_statistics(model, seed: int = 2) -> None:
             m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
 
 
-@pytest.fixture
-def twin_model():
-    """A folded (so twin-joined) channels_last model of its own: folding is for good."""
+def _small_varied_model() -> CRBLModel:
     torch.manual_seed(0)
     model = CRBLModel(CRBLConfig(image_size=64))
     _varied_batchnorm_statistics(model)
-    mp.fold_batchnorm(model.eval())
+    return model.eval()
+
+
+@pytest.fixture
+def twin_model():
+    """A folded (so twin-joined) channels_last model of its own: folding is for good."""
+    model = _small_varied_model()
+    mp.fold_batchnorm(model)
     return model.set_channels_last(True)  # new tensors: the twin is joined over them again
 
 
@@ -299,6 +304,14 @@ def test_twin_network_equals_the_two_backbones(twin_model, monkeypatch):
     assert a.std() > 0.05 and b.std() > 0.05 and (a - b).abs().max() > 0.1
     torch.testing.assert_close(twin_a, a, rtol=0, atol=1e-5)
     torch.testing.assert_close(twin_b, b, rtol=0, atol=1e-5)
+    unfolded = _small_varied_model()  # each backbone still its own weights, in its own place
+    unfolded.parallel_backbones = False
+    joined_once = _small_varied_model()  # the fixture's is joined twice: fold, channels_last
+    mp.fold_batchnorm(joined_once)
+    expected = _features(unfolded, x)
+    for got in ((twin_a, twin_b), _features(joined_once, x)):
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=0, atol=1e-5)
     twin_model.parallel_backbones = True
     monkeypatch.setattr(mp, "TWIN_MAX_PIXELS", 3 * 67 * 61 - 1)  # above it: the backbones
     _features(twin_model, x)
