@@ -928,6 +928,12 @@ def _cpu_f64(t: torch.Tensor) -> torch.Tensor:
     return t.detach().cpu().double()  # on the CPU: DirectML has no float64
 
 
+def _conv_bn_pairs(model: nn.Module) -> Iterable[tuple[nn.Module, str, str]]:
+    """(module, convolution name, BatchNorm name) for every convolution that feeds a BatchNorm,
+    from the blocks' CONV_BN_PAIRS."""
+    return ((m, conv, bn) for m in model.modules() for conv, bn in getattr(m, "CONV_BN_PAIRS", ()))
+
+
 @torch.no_grad()
 def fold_batchnorm(model: CRBLModel) -> int:
     """Inference only: fold every eval-mode BatchNorm into the convolution before it, in place
@@ -940,19 +946,18 @@ def fold_batchnorm(model: CRBLModel) -> int:
     if model.training:
         raise CRBLError("fold_batchnorm is for inference: call model.eval() first")
     folded = 0
-    for module in model.modules():
-        for conv_name, bn_name in getattr(module, "CONV_BN_PAIRS", ()):  # conv -> its BN
-            conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
-            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
-                    and bn.track_running_stats and bn.affine):
-                continue
-            scale = _cpu_f64(bn.weight) / torch.sqrt(_cpu_f64(bn.running_var) + bn.eps)
-            shift = _cpu_f64(bn.bias) - _cpu_f64(bn.running_mean) * scale
-            bias = shift if conv.bias is None else _cpu_f64(conv.bias) * scale + shift
-            conv.weight.copy_(_cpu_f64(conv.weight) * scale.view(-1, 1, 1, 1))
-            conv.bias = nn.Parameter(bias.to(conv.weight), requires_grad=False)
-            setattr(module, bn_name, nn.Identity())  # the SiLU after it stays in forward
-            folded += 1
+    for module, conv_name, bn_name in _conv_bn_pairs(model):
+        conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
+        if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
+                and bn.track_running_stats and bn.affine):
+            continue
+        scale = _cpu_f64(bn.weight) / torch.sqrt(_cpu_f64(bn.running_var) + bn.eps)
+        shift = _cpu_f64(bn.bias) - _cpu_f64(bn.running_mean) * scale
+        bias = shift if conv.bias is None else _cpu_f64(conv.bias) * scale + shift
+        conv.weight.copy_(_cpu_f64(conv.weight) * scale.view(-1, 1, 1, 1))
+        conv.bias = nn.Parameter(bias.to(conv.weight), requires_grad=False)
+        setattr(module, bn_name, nn.Identity())  # the SiLU after it stays in forward
+        folded += 1
     model.batchnorm_folded = model.batchnorm_folded or folded > 0
     if isinstance(model, CRBLModel):
         model._rebuild_twin()
@@ -979,17 +984,16 @@ def _twin_backbones(body1: EfficientNetB0, body2: EfficientNetB0) -> EfficientNe
     """
     def folded(body: EfficientNetB0) -> bool:
         return all(isinstance(getattr(m, bn), nn.Identity) and getattr(m, conv).bias is not None
-                   for m in body.modules() for conv, bn in getattr(m, "CONV_BN_PAIRS", ()))
+                   for m, conv, bn in _conv_bn_pairs(body))
 
     if not (folded(body1) and folded(body2)):
         return None
     with torch.device("meta"):
         twin = EfficientNetB0(twins=2)
-        for module in twin.modules():
-            for conv_name, bn_name in getattr(module, "CONV_BN_PAIRS", ()):
-                conv = getattr(module, conv_name)
-                conv.bias = nn.Parameter(torch.empty(conv.out_channels))
-                setattr(module, bn_name, nn.Identity())
+        for module, conv_name, bn_name in _conv_bn_pairs(twin):  # folded, as the backbones
+            conv = getattr(module, conv_name)
+            conv.bias = nn.Parameter(torch.empty(conv.out_channels))
+            setattr(module, bn_name, nn.Identity())
     own1, own2 = body1.state_dict(keep_vars=True), body2.state_dict(keep_vars=True)
     state = {k: torch.cat([v, own2[k]]) for k, v in own1.items()}  # keeps channels_last
     twin.load_state_dict(state, strict=True, assign=True)
