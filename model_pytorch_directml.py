@@ -246,8 +246,32 @@ class Conv2dSame(nn.Conv2d):
         height, width = x.size()[-2:]
         pad_h = _same_padding(height, self.kernel_size[0], self.stride[0])
         pad_w = _same_padding(width, self.kernel_size[1], self.stride[1])
-        x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+        pads = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
+        x = _zero_border(x, *pads) if _eager_cpu_inference(x) else F.pad(x, pads)
         return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def _eager_cpu_inference(x: torch.Tensor) -> bool:
+    """A CPU tensor outside autograd and graph capture: where the in-place and border-only
+    shortcuts below apply (autograd needs the out-of-place ops, ONNX and compile their graphs)."""
+    return x.device.type == "cpu" and not (x.requires_grad or _capturing_graph())
+
+
+def _zero_border(x: torch.Tensor, left: int, right: int, top: int, bottom: int) -> torch.Tensor:
+    """F.pad(x, (left, right, top, bottom)) writing each output element once: F.pad zero-fills
+    the whole output, then copies x in. On 2 CPU cores its fill was 6-7% of a forward at 224 px
+    batch 32 (a stride-2 block pads its widest tensor). Keeps x's memory format."""
+    n, c, h, w = x.shape
+    layout = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
+              else torch.contiguous_format)
+    out = torch.empty((n, c, top + h + bottom, left + w + right), dtype=x.dtype, device=x.device,
+                      memory_format=layout)
+    out[:, :, top:top + h, left:left + w] = x
+    out[:, :, :top].zero_()
+    out[:, :, top + h:].zero_()
+    out[:, :, top:top + h, :left].zero_()
+    out[:, :, top:top + h, left + w:].zero_()
+    return out
 
 
 def _bn(channels: int) -> nn.BatchNorm2d:
@@ -270,7 +294,9 @@ class SqueezeExcite(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = F.silu(self.conv_reduce(x.mean((2, 3), keepdim=True)), inplace=True)
-        return x * torch.sigmoid(self.conv_expand(s))
+        gate = torch.sigmoid(self.conv_expand(s))
+        # the blocks hand SE an activation of their own that nothing reads afterwards
+        return x.mul_(gate) if _eager_cpu_inference(x) else x * gate
 
 
 class _Block(nn.Module):
@@ -467,6 +493,12 @@ def _chunk_terms(phi: torch.Tensor, w: torch.Tensor, eps: float
     return dot, magnitude.sum((1, 2))
 
 
+def _by_position(features: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) maps as (N, H·W, C), C-contiguous: a view of channels_last maps, else a copy."""
+    n, c, h, w = features.shape
+    return features.permute(0, 2, 3, 1).reshape(n, h * w, c).contiguous()
+
+
 def _opted_out(env: str) -> bool:
     """Whether an on-by-default CPU speed setting (CRBL_FUSED_HEAD, CRBL_KEEP_FREED_MEMORY) is
     turned off with ENV=0."""
@@ -479,52 +511,94 @@ def _capturing_graph() -> bool:
     return torch.jit.is_tracing() or torch.compiler.is_compiling()
 
 
-def _head_terms(phi, w, eps, dot, sq):
-    """dot[s] += Σ w·sign(phi)·sqrt(|phi|+eps) and sq[s] += Σ(|phi|+eps) over a float32 (N, rows, C)
-    chunk of phi and the matching (rows, C) rows of the head weight, in one pass over phi.
+def _bilinear_terms(a, b, w, hw, eps, dot, sq):
+    """dot[s] = Σ w·sign(phi)·sqrt(|phi|+eps) and sq[s] = Σ(|phi|+eps) of phi = Aᵀ·B/hw per sample,
+    A = a[s] and B = b[s] of float32 (N, H·W, C) features (channels_last maps are this layout
+    already), w the (C, C) head weight; phi itself is never stored.
 
-    Numba compiles it (fused_head_kernel); the eager head makes seven passes for the same sums
-    (sign, abs, +eps, sum, sqrt, ·sign, dot). Each row is summed in float32, like the eager
-    head's chunk sums; rows and samples add up in float64 (dot, sq)."""
-    n, rows, c = phi.shape
+    Numba compiles it (fused_head_kernel): four rows of phi at a time, built in a buffer that
+    stays in the L1 cache from four positions per pass (each load of B serves 16 products),
+    then summed in the same pass that reads them. On one core of a 2-core CPU it took 0.50 ms
+    per image at 128 px (1.05 at 224 px) where torch's batched matrix product into 2 MB chunks
+    plus a one-pass kernel over them took 0.60 (1.40) on two. Rows are summed in float32, like
+    the eager head's chunk sums; rows add up in float64 (dot, sq)."""
+    n, k, c = a.shape
+    c2 = b.shape[2]
     zero = np.float32(0.0)
+    rows = np.empty((4, c2), dtype=np.float32)
+    k4 = k - k % 4
     for s in range(n):
         dot_s = 0.0
         sq_s = 0.0
-        for i in range(rows):
-            row_dot = zero
-            row_sq = zero
-            for j in range(c):
-                p = phi[s, i, j]
-                magnitude = abs(p) + eps
-                row_sq += magnitude
-                y = math.sqrt(magnitude)
-                row_dot += w[i, j] * (y if p > 0 else (-y if p < 0 else zero))  # TF's sign(0) = 0
-            dot_s += row_dot
-            sq_s += row_sq
-        dot[s] += dot_s
-        sq[s] += sq_s
+        for i in range(0, c, 4):
+            m = min(4, c - i)
+            for r in range(4):
+                for j in range(c2):
+                    rows[r, j] = zero
+            for p in range(0, k4, 4):
+                if m == 4:
+                    x00 = a[s, p, i] / hw; x01 = a[s, p + 1, i] / hw
+                    x02 = a[s, p + 2, i] / hw; x03 = a[s, p + 3, i] / hw
+                    x10 = a[s, p, i + 1] / hw; x11 = a[s, p + 1, i + 1] / hw
+                    x12 = a[s, p + 2, i + 1] / hw; x13 = a[s, p + 3, i + 1] / hw
+                    x20 = a[s, p, i + 2] / hw; x21 = a[s, p + 1, i + 2] / hw
+                    x22 = a[s, p + 2, i + 2] / hw; x23 = a[s, p + 3, i + 2] / hw
+                    x30 = a[s, p, i + 3] / hw; x31 = a[s, p + 1, i + 3] / hw
+                    x32 = a[s, p + 2, i + 3] / hw; x33 = a[s, p + 3, i + 3] / hw
+                    for j in range(c2):
+                        v0 = b[s, p, j]
+                        v1 = b[s, p + 1, j]
+                        v2 = b[s, p + 2, j]
+                        v3 = b[s, p + 3, j]
+                        rows[0, j] += x00 * v0 + x01 * v1 + x02 * v2 + x03 * v3
+                        rows[1, j] += x10 * v0 + x11 * v1 + x12 * v2 + x13 * v3
+                        rows[2, j] += x20 * v0 + x21 * v1 + x22 * v2 + x23 * v3
+                        rows[3, j] += x30 * v0 + x31 * v1 + x32 * v2 + x33 * v3
+                else:  # the last rows where C is not a multiple of 4
+                    for r in range(m):
+                        for q in range(p, p + 4):
+                            x = a[s, q, i + r] / hw
+                            for j in range(c2):
+                                rows[r, j] += x * b[s, q, j]
+            for q in range(k4, k):  # positions left over after the groups of four
+                for r in range(m):
+                    x = a[s, q, i + r] / hw
+                    for j in range(c2):
+                        rows[r, j] += x * b[s, q, j]
+            for r in range(m):
+                row_dot = zero
+                row_sq = zero
+                for j in range(c2):
+                    v = rows[r, j]
+                    magnitude = abs(v) + eps
+                    row_sq += magnitude
+                    y = math.sqrt(magnitude)
+                    row_dot += w[i + r, j] * (y if v > 0 else (-y if v < 0 else zero))  # TF's sign(0) = 0
+                dot_s += row_dot
+                sq_s += row_sq
+        dot[s] = dot_s
+        sq[s] = sq_s
 
 
 FUSED_HEAD_ENV = "CRBL_FUSED_HEAD"
-# Where the one-pass kernel pays. It runs on one thread: torch's element-wise ops caught up with
-# it at 4 threads and were faster from 8 (16-core machine). At batch 1 it saves ~2 ms of a
-# ~31 ms forward (128 px, 2 cores), less than loading numba costs a short run (~0.3-1 s, ~100 MB).
+# Where the fused kernel pays. It runs on one thread: torch's element-wise ops caught up with the
+# old one-pass kernel (the matrix product still torch's) at 4 threads and were faster from 8
+# (16-core machine). A second thread gains nothing on 2 cores: after every parallel op torch's
+# OpenMP worker spins for ~8-10 ms on the other core, and the head takes less (0.5 ms per image).
 FUSED_HEAD_MAX_THREADS = 2
-FUSED_HEAD_MIN_BATCH = 2
-_fused_head: Any = None  # numba's compiled _head_terms once built; False: not available
+_fused_head: Any = None  # numba's compiled _bilinear_terms once built; False: not available
 
 
 def fused_head_kernel():
-    """The CPU inference head's one-pass kernel (`_head_terms` compiled by numba), or None where
+    """The CPU inference head's fused kernel (`_bilinear_terms` compiled by numba), or None where
     numba is not installed, cannot load or compile (a warning says why) or CRBL_FUSED_HEAD=0.
 
-    Measured on 2 CPU cores: the head at 128 px batch 32 takes 40-70 ms instead of 80-110 (the
-    matrix product stays with torch; the rest reads each chunk once, 0.22 ns per element on one
-    core, where torch's abs and sqrt alone take 0.86 ns). Compiled once per machine (~1 s) and
-    cached beside this file or in the user's cache folder (compiled per process where neither is
-    writable). Loading numba and LLVM costs a process ~100 MB of resident memory. A thread that
-    asks while another compiles gets None (torch ops).
+    Measured on 2 CPU cores (one process, alternating): 0.50 ms per image at 128 px batch 32
+    against 0.60 for torch's matrix product plus the older one-pass kernel, 0.55 against 1.5 at
+    batch 1 (where torch's eager ops ran), 1.05 against 1.4 at 224 px batch 32. Compiled once
+    per machine (~1 s) and cached beside this file or in the user's cache folder (compiled per
+    process where neither is writable). Loading numba and LLVM costs a process ~100 MB of
+    resident memory. A thread that asks while another compiles gets None (torch ops).
     """
     global _fused_head
     if _opted_out(FUSED_HEAD_ENV):
@@ -540,16 +614,17 @@ def fused_head_kernel():
         except Exception as exc:  # installed but broken: built for another numpy, llvmlite, ...
             _fused_head_failed("import numba", exc)
             return None
-        signature = "void(float32[:, :, ::1], float32[:, ::1], float32, float64[::1], float64[::1])"
+        signature = ("void(float32[:, :, ::1], float32[:, :, ::1], float32[:, ::1], float32, float32, "
+                     "float64[::1], float64[::1])")
         # reassoc/contract: SIMD sums and FMA; no "fast" math: sqrt, NaN and inf stay exact
         options = dict(fastmath={"reassoc", "contract", "nsz"}, nogil=True, boundscheck=False)
         try:
             try:
-                _fused_head = numba.njit(signature, cache=True, **options)(_head_terms)
+                _fused_head = numba.njit(signature, cache=True, **options)(_bilinear_terms)
             except RuntimeError as exc:  # "cannot cache ...": no writable cache folder
                 if "cache" not in str(exc):
                     raise
-                _fused_head = numba.njit(signature, **options)(_head_terms)
+                _fused_head = numba.njit(signature, **options)(_bilinear_terms)
         except Exception as exc:  # a broken llvmlite, no target machine, ...
             _fused_head_failed(f"numba {numba.__version__} compiling it", exc)
     return _fused_head or None
@@ -696,29 +771,35 @@ class BilinearPooling(nn.Module):
         Inference only (no autograd); equals the unfused path to float32 rounding.
         """
         n, c, h, w = a.shape
+        w_mat = weight.reshape(c, b.shape[1])
+        kernel = self._fused_kernel(a, b, w_mat)
+        if kernel is not None:
+            dot, sq_norm = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.float64)
+            kernel(_by_position(a).numpy(), _by_position(b).numpy(), w_mat.detach().contiguous().numpy(),
+                   np.float32(h * w), np.float32(self.eps), dot.numpy(), sq_norm.numpy())
+        else:
+            dot, sq_norm = self._chunked_terms(a, b, w_mat)
+        logits = dot / sq_norm.clamp_min(self.l2_eps).sqrt()
+        return logits.to(a.dtype)[:, None] + bias
+
+    def _chunked_terms(self, a: torch.Tensor, b: torch.Tensor, w_mat: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Σ w·y, Σy²) per sample in torch ops: phi rows in chunks that stay in cache (GPU, no
+        numba, --compile's fused chunk math)."""
+        n, c, h, w = a.shape
         a = a.reshape(n, c, h * w)
         # 1/(H·W) folded into the small B matrix: one pass less over the N×C² products.
         bt = b.reshape(n, b.shape[1], h * w).transpose(1, 2).div(h * w).contiguous()
         c2 = bt.shape[2]
-        w_mat = weight.reshape(c, c2)
-        kernel = self._fused_kernel(a, w_mat)
-        if kernel is not None:
-            w_np, eps = w_mat.detach().contiguous().numpy(), np.float32(self.eps)
-            dot, sq_norm = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-            dot_np, sq_np = dot.numpy(), sq_norm.numpy()
-        else:
-            dot, sq_norm = a.new_zeros(n), a.new_zeros(n)
+        dot, sq_norm = a.new_zeros(n), a.new_zeros(n)
         rows = _chunk(c, n * c2, a.device)
         buf = a.new_empty(n, rows, c2)
-        sign = a.new_empty(n, rows, c2) if kernel is None and self.compiled_terms is None else None
+        sign = a.new_empty(n, rows, c2) if self.compiled_terms is None else None
         for r in range(0, c, rows):
             k = min(rows, c - r)
             phi = buf if k == rows else buf[:, :k].contiguous()
             # a contiguous copy of the row slice: MKL's batched GEMM is ~5x slower on the strided view
             torch.bmm(a[:, r:r + k].contiguous(), bt, out=phi)
-            if kernel is not None:
-                kernel(phi.numpy(), w_np[r:r + k], eps, dot_np, sq_np)
-                continue
             if self.compiled_terms is not None:
                 chunk_dot, chunk_sq = self.compiled_terms(phi, w_mat[None, r:r + k], self.eps)
                 dot += chunk_dot
@@ -726,16 +807,15 @@ class BilinearPooling(nn.Module):
                 continue
             sq_norm += _signed_sqrt_(phi, sign if k == rows else sign[:, :k].contiguous(), self.eps)
             dot += phi.reshape(n, -1) @ w_mat[r:r + k].reshape(-1)  # BLAS gemv: no product tensor
-        logits = dot / sq_norm.clamp_min(self.l2_eps).sqrt()
-        return logits.to(a.dtype)[:, None] + bias
+        return dot, sq_norm
 
-    def _fused_kernel(self, a: torch.Tensor, w_mat: torch.Tensor):
-        """fused_head_kernel() where it applies and pays: float32 plain tensors on the CPU, batch
-        >= FUSED_HEAD_MIN_BATCH, at most FUSED_HEAD_MAX_THREADS threads; not torch.compile'd (its
-        own fused chunk math wins there), not while tracing or exporting."""
+    def _fused_kernel(self, a: torch.Tensor, b: torch.Tensor, w_mat: torch.Tensor):
+        """fused_head_kernel() where it applies and pays: float32 plain tensors on the CPU, at most
+        FUSED_HEAD_MAX_THREADS threads; not torch.compile'd (its own fused chunk math wins
+        there), not while tracing or exporting."""
         if (a.device.type != "cpu" or a.dtype != torch.float32 or w_mat.dtype != torch.float32
-                or type(a) is not torch.Tensor  # FakeTensor, functorch wrappers: no .numpy()
-                or len(a) < FUSED_HEAD_MIN_BATCH or torch.get_num_threads() > FUSED_HEAD_MAX_THREADS
+                or b.dtype != torch.float32 or type(a) is not torch.Tensor  # FakeTensor, functorch wrappers: no .numpy()
+                or torch.get_num_threads() > FUSED_HEAD_MAX_THREADS
                 or self.compiled_terms is not None or _capturing_graph()):
             return None
         return fused_head_kernel()

@@ -89,9 +89,25 @@ def test_fused_inference_head_equals_unfused(chunking, cpu_head):
     fused = BilinearPooling().linear(a, b, weight, bias)
     assert fused.shape == (5, 1) and fused.dtype == torch.float32
     assert (fused.double() - ref).abs().max() < 1e-5
-    if cpu_head is not None:
-        rows = mp._chunk(c, 5 * c, a.device)  # phi rows per chunk, all samples at once
-        assert len(cpu_head) == -(-c // rows) > (1 if chunking == "cpu" else 0)  # once per chunk
+    assert cpu_head in (None, [1])  # the fused kernel: one call for the whole batch
+
+
+@pytest.mark.parametrize("c, h, w", [(7, 3, 5), (6, 1, 1), (9, 2, 3), (mp.NUM_FEATURES, 7, 7)])
+def test_inference_head_at_any_shape(cpu_head, c, h, w):
+    """Channels that are no multiple of the kernel's 4 rows and position counts that are no
+    multiple of its 4 positions (15, 1, 6, 49) take its remainder loops; both maps
+    channels_last (the kernel reads them as they are) and contiguous (copied)."""
+    torch.manual_seed(11)
+    a, b = torch.randn(3, c, h, w), torch.randn(3, c, h, w)
+    weight, bias = torch.randn(1, c * c) * 1e-2, torch.randn(1)
+    ref = keras_bilinear(a, b) @ weight.double().T + bias.double()
+    for layout in (torch.channels_last, torch.contiguous_format):
+        got = BilinearPooling().linear(a.contiguous(memory_format=layout),
+                                       b.contiguous(memory_format=layout), weight, bias)
+        assert (got.double() - ref).abs().max() < 1e-5
+        if cpu_head is not None:  # each sample alone, bit for bit as in the batch
+            assert torch.equal(got[1:2], BilinearPooling().linear(a[1:2], b[1:2], weight, bias))
+    assert cpu_head in (None, [1] * 4)
 
 
 def test_inference_head_zero_products_have_no_sqrt_eps_term(cpu_head):
@@ -123,8 +139,7 @@ def test_fused_head_is_skipped_where_it_does_not_apply(cpu_head, monkeypatch):
     a = b = torch.rand(2, 4, 2, 2)
     weight, bias = torch.rand(1, 16), torch.zeros(1)
     expected = keras_bilinear(a, b) @ weight.double().T
-    outputs = [pool.linear(a.double(), b.double(), weight.double(), bias.double()),  # float64
-               pool.linear(a[:1], b[:1], weight, bias)]  # batch 1: not worth loading numba
+    outputs = [pool.linear(a.double(), b.double(), weight.double(), bias.double())]  # float64
     with monkeypatch.context() as m:
         m.setattr(mp, "FUSED_HEAD_MAX_THREADS", 0)  # more threads than the kernel's one pays for
         outputs.append(pool.linear(a, b, weight, bias))
@@ -186,16 +201,16 @@ def test_fused_head_compiles_without_a_writable_cache(monkeypatch, recwarn):
 
     def no_cache_folder(*args, cache=False, **kwargs):
         if cache:
-            raise RuntimeError("cannot cache function '_head_terms': no locator available for file")
+            raise RuntimeError("cannot cache function '_bilinear_terms': no locator available for file")
         return njit(*args, **kwargs)
     monkeypatch.setattr(numba, "njit", no_cache_folder)
     monkeypatch.setattr(mp, "_fused_head", None)
     kernel = mp.fused_head_kernel()
     assert kernel is not None and not recwarn.list
-    phi, w = np.ones((1, 2, 3), np.float32), np.full((2, 3), 2.0, np.float32)
-    dot, sq = np.zeros(1), np.zeros(1)
-    kernel(phi, w, np.float32(0.0), dot, sq)
-    assert dot[0] == 12.0 and sq[0] == 6.0
+    a = b = np.ones((1, 2, 3), np.float32)  # 2 positions: phi = Aᵀ·B / 2 = 1 everywhere
+    w, dot, sq = np.full((3, 3), 2.0, np.float32), np.zeros(1), np.zeros(1)
+    kernel(a, b, w, np.float32(2.0), np.float32(0.0), dot, sq)
+    assert dot[0] == 18.0 and sq[0] == 9.0
 
 
 def test_training_head_equals_keras_at_full_width(chunking):
