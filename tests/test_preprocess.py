@@ -1,16 +1,21 @@
 """The shared preprocessing against OpenCV, which the original Keras pipeline used
-(cv2.imread -> cv2.resize INTER_CUBIC); opencv-python-headless is a test-only dependency."""
+(cv2.imread -> cv2.resize INTER_CUBIC); the resize is OpenCV's own where it is installed and the
+torch fallback's otherwise."""
 import struct
 import zlib
+
+import sys
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import dataset_pytorch_directml as ds
 from dataset_pytorch_directml import (ImageError, compute_metrics, load_rgb_uint8,
                                       preprocess_image, read_manifest, resize_cubic_uint8,
-                                      scan_folder)
+                                      resize_cubic_uint8_torch, scan_folder)
 from model_pytorch_directml import CRBLError
 
 cv2 = pytest.importorskip("cv2")
@@ -30,11 +35,12 @@ def smooth_image(rng, h, w):
 @pytest.mark.parametrize("h,w,size", [(37, 53, 128), (300, 200, 128), (256, 256, 128),
                                       (129, 127, 128), (5, 3, 128), (640, 481, 224),
                                       (1000, 777, 128), (64, 64, 128), (1, 9, 16), (128, 128, 63)])
-def test_resize_matches_cv2_inter_cubic_within_one_level(h, w, size):
+def test_resize_fallback_matches_cv2_inter_cubic_within_one_level(h, w, size):
     rng = np.random.default_rng(h * 1000 + w)
     for img in (rng.integers(0, 256, (h, w, 3), dtype=np.uint8), smooth_image(rng, h, w)):
         ref = cv2.resize(img, (size, size), interpolation=cv2.INTER_CUBIC)
-        out = resize_cubic_uint8(img, size)
+        assert np.array_equal(resize_cubic_uint8(img, size), ref)  # OpenCV installed: itself
+        out = resize_cubic_uint8_torch(img, (size, size))
         assert out.shape == (size, size, 3) and out.dtype == np.uint8
         diff = np.abs(out.astype(int) - ref.astype(int))
         assert diff.max() <= 1, (h, w, size)
@@ -46,8 +52,35 @@ def test_resize_non_square_and_grey():
     rng = np.random.default_rng(1)
     img = rng.integers(0, 256, (90, 70), dtype=np.uint8)
     ref = cv2.resize(img, (50, 30), interpolation=cv2.INTER_CUBIC)  # cv2 dsize is (w, h)
-    out = resize_cubic_uint8(img, (30, 50))
+    assert np.array_equal(resize_cubic_uint8(img, (30, 50)), ref)
+    out = resize_cubic_uint8_torch(img, (30, 50))
     assert out.shape == (30, 50) and np.abs(out.astype(int) - ref.astype(int)).max() <= 1
+    assert np.array_equal(resize_cubic_uint8(np.asfortranarray(img), (30, 50)), ref)  # any strides
+
+
+def test_resize_without_opencv_uses_torch(monkeypatch):
+    """No OpenCV: the torch resize, silently; a broken OpenCV: the same, with one warning."""
+    img = np.random.default_rng(4).integers(0, 256, (61, 47, 3), dtype=np.uint8)
+    expected = resize_cubic_uint8_torch(img, (32, 32))
+    monkeypatch.setattr(ds, "_cv2", None)
+    monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 -> ImportError, as if not installed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.array_equal(resize_cubic_uint8(img, 32), expected)
+    import builtins
+    real_import = builtins.__import__
+
+    def broken_cv2(name, *args, **kwargs):
+        if name == "cv2":
+            raise ImportError("libGL.so.1: cannot open shared object file")
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(ds, "_cv2", None)
+    monkeypatch.setattr(builtins, "__import__", broken_cv2)
+    with pytest.warns(RuntimeWarning, match="OpenCV does not import.*libGL.*opencv-python-headless"):
+        assert np.array_equal(resize_cubic_uint8(img, 32), expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # decided once: no second warning
+        assert np.array_equal(resize_cubic_uint8(img, 32), expected)
 
 
 def test_image_at_model_size_passes_unchanged(tmp_path):
