@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import itertools
 import math
 import os
 import pickle
@@ -511,10 +512,11 @@ def _capturing_graph() -> bool:
     return torch.jit.is_tracing() or torch.compiler.is_compiling()
 
 
-def _bilinear_terms(a, b, w, hw, eps, dot, sq):
-    """dot[s] = Σ w·sign(phi)·sqrt(|phi|+eps) and sq[s] = Σ(|phi|+eps) of phi = Aᵀ·B/hw per sample,
-    A = a[s] and B = b[s] of float32 (N, H·W, C) features (channels_last maps are this layout
-    already), w the (C, C) head weight; phi itself is never stored.
+def _bilinear_terms(a, b, w, scale, eps, dot, sq, r_lo, r_hi):
+    """dot[s] = Σ w·sign(phi)·sqrt(|phi|+eps) and sq[s] = Σ(|phi|+eps) over rows [r_lo, r_hi) of
+    phi = scale·Aᵀ·B per sample, A = a[s] and B = b[s] of float32 (N, H·W, C) features
+    (channels_last maps are this layout already), w the (C, C) head weight; phi itself is never
+    stored.
 
     Numba compiles it (fused_head_kernel): four rows of phi at a time, built in a buffer that
     stays in the L1 cache from four positions per pass (each load of B serves 16 products),
@@ -522,7 +524,7 @@ def _bilinear_terms(a, b, w, hw, eps, dot, sq):
     per image at 128 px (1.05 at 224 px) where torch's batched matrix product into 2 MB chunks
     plus a one-pass kernel over them took 0.60 (1.40) on two. Rows are summed in float32, like
     the eager head's chunk sums; rows add up in float64 (dot, sq)."""
-    n, k, c = a.shape
+    n, k = a.shape[:2]
     c2 = b.shape[2]
     zero = np.float32(0.0)
     rows = np.empty((4, c2), dtype=np.float32)
@@ -530,21 +532,21 @@ def _bilinear_terms(a, b, w, hw, eps, dot, sq):
     for s in range(n):
         dot_s = 0.0
         sq_s = 0.0
-        for i in range(0, c, 4):
-            m = min(4, c - i)
+        for i in range(r_lo, r_hi, 4):
+            m = min(4, r_hi - i)
             for r in range(4):
                 for j in range(c2):
                     rows[r, j] = zero
             for p in range(0, k4, 4):
                 if m == 4:
-                    x00 = a[s, p, i] / hw; x01 = a[s, p + 1, i] / hw
-                    x02 = a[s, p + 2, i] / hw; x03 = a[s, p + 3, i] / hw
-                    x10 = a[s, p, i + 1] / hw; x11 = a[s, p + 1, i + 1] / hw
-                    x12 = a[s, p + 2, i + 1] / hw; x13 = a[s, p + 3, i + 1] / hw
-                    x20 = a[s, p, i + 2] / hw; x21 = a[s, p + 1, i + 2] / hw
-                    x22 = a[s, p + 2, i + 2] / hw; x23 = a[s, p + 3, i + 2] / hw
-                    x30 = a[s, p, i + 3] / hw; x31 = a[s, p + 1, i + 3] / hw
-                    x32 = a[s, p + 2, i + 3] / hw; x33 = a[s, p + 3, i + 3] / hw
+                    x00 = a[s, p, i] * scale; x01 = a[s, p + 1, i] * scale
+                    x02 = a[s, p + 2, i] * scale; x03 = a[s, p + 3, i] * scale
+                    x10 = a[s, p, i + 1] * scale; x11 = a[s, p + 1, i + 1] * scale
+                    x12 = a[s, p + 2, i + 1] * scale; x13 = a[s, p + 3, i + 1] * scale
+                    x20 = a[s, p, i + 2] * scale; x21 = a[s, p + 1, i + 2] * scale
+                    x22 = a[s, p + 2, i + 2] * scale; x23 = a[s, p + 3, i + 2] * scale
+                    x30 = a[s, p, i + 3] * scale; x31 = a[s, p + 1, i + 3] * scale
+                    x32 = a[s, p + 2, i + 3] * scale; x33 = a[s, p + 3, i + 3] * scale
                     for j in range(c2):
                         v0 = b[s, p, j]
                         v1 = b[s, p + 1, j]
@@ -557,12 +559,12 @@ def _bilinear_terms(a, b, w, hw, eps, dot, sq):
                 else:  # the last rows where C is not a multiple of 4
                     for r in range(m):
                         for q in range(p, p + 4):
-                            x = a[s, q, i + r] / hw
+                            x = a[s, q, i + r] * scale
                             for j in range(c2):
                                 rows[r, j] += x * b[s, q, j]
             for q in range(k4, k):  # positions left over after the groups of four
                 for r in range(m):
-                    x = a[s, q, i + r] / hw
+                    x = a[s, q, i + r] * scale
                     for j in range(c2):
                         rows[r, j] += x * b[s, q, j]
             for r in range(m):
@@ -581,10 +583,9 @@ def _bilinear_terms(a, b, w, hw, eps, dot, sq):
 
 
 FUSED_HEAD_ENV = "CRBL_FUSED_HEAD"
-# Where the fused kernel pays. It runs on one thread: torch's element-wise ops caught up with the
-# old one-pass kernel (the matrix product still torch's) at 4 threads and were faster from 8
-# (16-core machine). A second thread gains nothing on 2 cores: after every parallel op torch's
-# OpenMP worker spins for ~8-10 ms on the other core, and the head takes less (0.5 ms per image).
+# Where the fused kernel pays, as measured: up to 2 torch threads (it runs on at most two). On a
+# 16-core machine torch's own element-wise ops caught up with the older one-pass kernel (the
+# matrix product still torch's) at 4 threads and were faster from 8.
 FUSED_HEAD_MAX_THREADS = 2
 _fused_head: Any = None  # numba's compiled _bilinear_terms once built; False: not available
 
@@ -615,7 +616,7 @@ def fused_head_kernel():
             _fused_head_failed("import numba", exc)
             return None
         signature = ("void(float32[:, :, ::1], float32[:, :, ::1], float32[:, ::1], float32, float32, "
-                     "float64[::1], float64[::1])")
+                     "float64[::1], float64[::1], int64, int64)")
         # reassoc/contract: SIMD sums and FMA; no "fast" math: sqrt, NaN and inf stay exact
         options = dict(fastmath={"reassoc", "contract", "nsz"}, nogil=True, boundscheck=False)
         try:
@@ -628,6 +629,42 @@ def fused_head_kernel():
         except Exception as exc:  # a broken llvmlite, no target machine, ...
             _fused_head_failed(f"numba {numba.__version__} compiling it", exc)
     return _fused_head or None
+
+
+FUSED_HEAD_ROWS = 128  # phi rows per call of the kernel: the share a thread takes at a time
+
+
+def _fused_terms(kernel, a: np.ndarray, b: np.ndarray, w: np.ndarray, scale: float, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ w·y, Σy²) per sample from the fused kernel, on this thread and, with 2 torch threads,
+    on the second one too: each takes the next FUSED_HEAD_ROWS rows until none are left.
+
+    Taking shares as they go, not halves: for ~8-10 ms after the backbones' last parallel op,
+    torch's OpenMP worker still spins on one of the two cores, so the threads run at unequal
+    speed (on 2 cores with that spinner 0.41-0.51 ms per image at 128 px against 0.52-0.82 on
+    one thread, 0.8 against 1.2-1.4 at 224 px). Each share's sums have their own slot, added in
+    row order: the logits do not depend on which thread ran what."""
+    n, c = len(a), a.shape[2]
+    shares = -(-c // FUSED_HEAD_ROWS)
+    parts = np.zeros((shares, 2, n))
+    take = itertools.count().__next__  # atomic under the GIL
+
+    def work() -> None:
+        for i in iter(take, None):
+            if i >= shares:
+                return
+            r = i * FUSED_HEAD_ROWS
+            kernel(a, b, w, np.float32(scale), np.float32(eps), parts[i, 0], parts[i, 1], r,
+                   min(c, r + FUSED_HEAD_ROWS))
+
+    helper = _second_thread().submit(work) if torch.get_num_threads() > 1 and shares > 1 else None
+    try:
+        work()
+    finally:
+        if helper is not None and not helper.cancel():  # not started (busy elsewhere): all done here
+            helper.result()
+    dot, sq_norm = parts.sum(axis=0)
+    return torch.from_numpy(dot), torch.from_numpy(sq_norm)
 
 
 def _fused_head_failed(step: str, exc: Exception) -> None:
@@ -774,9 +811,8 @@ class BilinearPooling(nn.Module):
         w_mat = weight.reshape(c, b.shape[1])
         kernel = self._fused_kernel(a, b, w_mat)
         if kernel is not None:
-            dot, sq_norm = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.float64)
-            kernel(_by_position(a).numpy(), _by_position(b).numpy(), w_mat.detach().contiguous().numpy(),
-                   np.float32(h * w), np.float32(self.eps), dot.numpy(), sq_norm.numpy())
+            dot, sq_norm = _fused_terms(kernel, _by_position(a).numpy(), _by_position(b).numpy(),
+                                        w_mat.detach().contiguous().numpy(), 1 / (h * w), self.eps)
         else:
             dot, sq_norm = self._chunked_terms(a, b, w_mat)
         logits = dot / sq_norm.clamp_min(self.l2_eps).sqrt()

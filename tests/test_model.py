@@ -1,5 +1,6 @@
 """model_pytorch_directml.py: bilinear pooling semantics, freezing, devices, checkpoints."""
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def test_fused_inference_head_equals_unfused(chunking, cpu_head):
     fused = BilinearPooling().linear(a, b, weight, bias)
     assert fused.shape == (5, 1) and fused.dtype == torch.float32
     assert (fused.double() - ref).abs().max() < 1e-5
-    assert cpu_head in (None, [1])  # the fused kernel: one call for the whole batch
+    assert cpu_head in (None, [1] * -(-c // mp.FUSED_HEAD_ROWS))  # one call per share of rows
 
 
 @pytest.mark.parametrize("c, h, w", [(7, 3, 5), (6, 1, 1), (9, 2, 3), (mp.NUM_FEATURES, 7, 7)])
@@ -107,7 +108,32 @@ def test_inference_head_at_any_shape(cpu_head, c, h, w):
         assert (got.double() - ref).abs().max() < 1e-5
         if cpu_head is not None:  # each sample alone, bit for bit as in the batch
             assert torch.equal(got[1:2], BilinearPooling().linear(a[1:2], b[1:2], weight, bias))
-    assert cpu_head in (None, [1] * 4)
+    assert cpu_head in (None, [1] * 4 * -(-c // mp.FUSED_HEAD_ROWS))
+
+
+def test_fused_head_shares_rows_between_two_threads(monkeypatch):
+    """With 2 torch threads the second thread takes shares of rows too, and the logits are bit
+    for bit those of one thread: each share's sums have their own slot, added in row order."""
+    pytest.importorskip("numba")
+    import threading
+    kernel = mp.fused_head_kernel()
+    threads = []
+    monkeypatch.setattr(mp, "_fused_head", lambda *args: threads.append(threading.get_ident())
+                        or time.sleep(0.002) or kernel(*args))
+    monkeypatch.setattr(mp, "FUSED_HEAD_MAX_THREADS", 1024)
+    torch.manual_seed(12)
+    c = mp.NUM_FEATURES
+    a, b = torch.randn(3, c, 2, 3), torch.randn(3, c, 2, 3)
+    weight, bias = torch.randn(1, c * c) * 1e-3, torch.randn(1)
+    results = {}
+    for n_threads in (1, 2):
+        monkeypatch.setattr(torch, "get_num_threads", lambda: n_threads)
+        threads.clear()
+        results[n_threads] = BilinearPooling().linear(a, b, weight, bias)
+        assert len(threads) == -(-c // mp.FUSED_HEAD_ROWS) and len(set(threads)) == n_threads
+    assert torch.equal(results[1], results[2])
+    ref = keras_bilinear(a, b) @ weight.double().T + bias.double()
+    assert (results[2].double() - ref).abs().max() < 1e-5
 
 
 def test_inference_head_zero_products_have_no_sqrt_eps_term(cpu_head):
@@ -209,7 +235,7 @@ def test_fused_head_compiles_without_a_writable_cache(monkeypatch, recwarn):
     assert kernel is not None and not recwarn.list
     a = b = np.ones((1, 2, 3), np.float32)  # 2 positions: phi = Aᵀ·B / 2 = 1 everywhere
     w, dot, sq = np.full((3, 3), 2.0, np.float32), np.zeros(1), np.zeros(1)
-    kernel(a, b, w, np.float32(2.0), np.float32(0.0), dot, sq)
+    kernel(a, b, w, np.float32(0.5), np.float32(0.0), dot, sq, 0, 3)
     assert dot[0] == 18.0 and sq[0] == 9.0
 
 
