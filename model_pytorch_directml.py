@@ -253,9 +253,10 @@ class Conv2dSame(nn.Conv2d):
 
 
 def _eager_cpu_inference(x: torch.Tensor) -> bool:
-    """A CPU tensor outside autograd and graph capture: where the in-place and border-only
-    shortcuts below apply (autograd needs the out-of-place ops, ONNX and compile their graphs)."""
-    return x.device.type == "cpu" and not (x.requires_grad or _capturing_graph())
+    """A CPU tensor with autograd off and no graph capture: where the in-place and border-only
+    shortcuts below apply (autograd needs the out-of-place ops, also where only a later layer
+    trains; ONNX and compile their graphs)."""
+    return x.device.type == "cpu" and not (torch.is_grad_enabled() or _capturing_graph())
 
 
 def _zero_border(x: torch.Tensor, left: int, right: int, top: int, bottom: int) -> torch.Tensor:
