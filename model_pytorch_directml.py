@@ -850,8 +850,8 @@ class BilinearPooling(nn.Module):
         """fused_head_kernel() where it applies and pays: float32 plain tensors on the CPU, at most
         FUSED_HEAD_MAX_THREADS threads; not torch.compile'd (its own fused chunk math wins
         there), not while tracing or exporting."""
-        if (a.device.type != "cpu" or a.dtype != torch.float32 or w_mat.dtype != torch.float32
-                or b.dtype != torch.float32 or type(a) is not torch.Tensor  # FakeTensor, functorch wrappers: no .numpy()
+        if (a.device.type != "cpu" or not a.dtype == b.dtype == w_mat.dtype == torch.float32
+                or type(a) is not torch.Tensor  # FakeTensor, functorch wrappers: no .numpy()
                 or torch.get_num_threads() > FUSED_HEAD_MAX_THREADS
                 or self.compiled_terms is not None or _capturing_graph()):
             return None
