@@ -649,14 +649,14 @@ def _fused_terms(kernel, a: np.ndarray, b: np.ndarray, w: np.ndarray, scale: flo
     shares = -(-c // FUSED_HEAD_ROWS)
     parts = np.zeros((shares, 2, n))
     take = itertools.count().__next__  # atomic under the GIL
+    scale, eps = np.float32(scale), np.float32(eps)
 
     def work() -> None:
         for i in iter(take, None):
             if i >= shares:
                 return
             r = i * FUSED_HEAD_ROWS
-            kernel(a, b, w, np.float32(scale), np.float32(eps), parts[i, 0], parts[i, 1], r,
-                   min(c, r + FUSED_HEAD_ROWS))
+            kernel(a, b, w, scale, eps, parts[i, 0], parts[i, 1], r, min(c, r + FUSED_HEAD_ROWS))
 
     helper = _second_thread().submit(work) if torch.get_num_threads() > 1 and shares > 1 else None
     try:
@@ -803,7 +803,8 @@ class BilinearPooling(nn.Module):
     @torch.no_grad()
     def linear(self, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor,
                bias: torch.Tensor) -> torch.Tensor:
-        """`Linear(forward(a, b))` without building z: chunks of phi rows stay in cache.
+        """`Linear(forward(a, b))` without building z or phi: the fused CPU kernel where it
+        applies (_fused_terms), else chunks of phi rows that stay in cache (_chunked_terms).
 
         logit = (Σ w·sign(phi)·sqrt(|phi|+eps)) / sqrt(max(Σ(|phi|+eps), l2_eps)) + bias.
         Inference only (no autograd); equals the unfused path to float32 rounding.
