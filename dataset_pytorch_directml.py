@@ -3,7 +3,7 @@
 One preprocessing path for every script, with parity to the original Keras pipeline
 (cv2.imread -> cv2.resize(INTER_CUBIC) -> RGB -> /255):
 
-    file -> load_rgb_uint8 (Pillow, EXIF orientation, any mode -> 8-bit RGB)
+    file -> load_rgb_uint8 (PNG: OpenCV; else Pillow; EXIF orientation, any mode -> 8-bit RGB)
          -> resize_cubic_uint8 (OpenCV's INTER_CUBIC itself; without OpenCV, torch within 1 grey level)
          -> preprocess_image: float32 (3,S,S) in [0,1]; normalisation happens inside the model.
 
@@ -48,9 +48,8 @@ class ImageError(CRBLError):
 # Decoding and resizing
 # --------------------------------------------------------------------------------------------
 
-def _open_decoded(path: Path):
-    """Pillow image fully decoded, EXIF orientation applied; ImageError for every bad file."""
-    from PIL import Image, ImageOps
+def _check_file(path: Path) -> None:
+    """ImageError unless path is a non-empty file."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -61,6 +60,43 @@ def _open_decoded(path: Path):
         raise ImageError(path, "is a folder, not an image file")
     if size == 0:
         raise ImageError(path, "empty file (0 bytes)")
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the last chunk of every complete PNG
+
+
+def _decode_png_opencv(path: Path) -> np.ndarray | None:
+    """(H,W,3) uint8 RGB of a PNG by cv2.imdecode, the original loader's own decoder and ~1.4x
+    as fast as Pillow plus its array copy; None where Pillow should decode the file instead:
+    not a PNG, no OpenCV, over Pillow's pixel limit, no IEND chunk at the end (truncated), or
+    an OpenCV decode error (libpng prints one line; Pillow then says what is wrong)."""
+    cv2 = _opencv()
+    if cv2 is None:
+        return None
+    from PIL import Image
+    try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+            if head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+                return None
+            width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+            if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+                return None  # Pillow refuses it with the decompression-bomb message
+            f.seek(0)
+            data = np.fromfile(f, dtype=np.uint8)
+    except OSError:
+        return None
+    if data[-12:].tobytes() != _PNG_IEND:
+        return None
+    # IMREAD_COLOR as cv2.imread: EXIF orientation applied, grey/palette/alpha/16-bit -> 8-bit BGR.
+    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _open_decoded(path: Path):
+    """Pillow image fully decoded, EXIF orientation applied; ImageError for every bad file."""
+    from PIL import Image, ImageOps
     try:
         with warnings.catch_warnings():
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a decompression bomb
@@ -87,12 +123,17 @@ def _open_decoded(path: Path):
 
 
 def load_rgb_uint8(path: str | os.PathLike) -> np.ndarray:
-    """Decode any image file to (H,W,3) uint8 RGB like cv2.imread(IMREAD_COLOR) (then BGR->RGB).
+    """Decode any image file to (H,W,3) uint8 RGB like cv2.imread(IMREAD_COLOR) (then BGR->RGB):
+    complete PNGs by OpenCV itself where it is installed, everything else by Pillow.
 
     Grayscale, palette, 1-bit, LA/RGBA (alpha dropped, colours kept as stored) and CMYK become
     RGB; 16-bit samples keep their high byte, as OpenCV's `>> 8` conversion does.
     """
     path = Path(path)
+    _check_file(path)
+    rgb = _decode_png_opencv(path)
+    if rgb is not None:
+        return rgb
     im = _open_decoded(path)
     if im.mode.startswith("I;16") or im.mode == "I":
         grey = (np.asarray(im).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8)

@@ -94,9 +94,17 @@ def test_image_at_model_size_passes_unchanged(tmp_path):
     assert torch.equal(x, expected)
 
 
+@pytest.fixture(params=["opencv", "pillow"])
+def png_decoder(request, monkeypatch):
+    """Both PNG decoders: OpenCV's (the default) and Pillow's (where OpenCV is missing)."""
+    if request.param == "pillow":
+        monkeypatch.setattr(ds, "_decode_png_opencv", lambda path: None)
+    return request.param
+
+
 @pytest.mark.parametrize("orientation", range(1, 9))
 @pytest.mark.parametrize("ext", ["png", "jpg"])
-def test_exif_orientation_like_cv2_imread(tmp_path, orientation, ext):
+def test_exif_orientation_like_cv2_imread(tmp_path, orientation, ext, png_decoder):
     base = np.random.default_rng(3).integers(0, 256, (40, 60, 3), dtype=np.uint8)
     exif = Image.Exif()
     exif[0x0112] = orientation
@@ -137,7 +145,7 @@ def _save_modes(tmp_path):
     return files
 
 
-def test_all_modes_decode_like_cv2_imread(tmp_path):
+def test_all_modes_decode_like_cv2_imread(tmp_path, png_decoder):
     files = _save_modes(tmp_path)
     assert Image.open(files["grey16.png"]).mode.startswith("I")  # the 16-bit path is exercised
     for name, path in files.items():
@@ -158,7 +166,7 @@ def _bomb_png(path, side=20000):
                      + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
 
 
-def test_bad_files_raise_image_error_naming_the_file(tmp_path):
+def test_bad_files_raise_image_error_naming_the_file(tmp_path, png_decoder):
     good = tmp_path / "good.png"
     Image.fromarray(np.zeros((64, 64, 3), np.uint8) + 7).save(good)
     (tmp_path / "empty.png").write_bytes(b"")
@@ -171,6 +179,34 @@ def test_bad_files_raise_image_error_naming_the_file(tmp_path):
         with pytest.raises(ImageError) as info:
             load_rgb_uint8(tmp_path / name)
         assert name in str(info.value) and reason in info.value.reason and isinstance(info.value, CRBLError)
+
+
+def test_png_decoder_opencv_first_pillow_for_the_rest(tmp_path, monkeypatch):
+    """A complete PNG is decoded by OpenCV alone; a PNG without its IEND chunk, one OpenCV
+    rejects and every other format go to Pillow, which decodes them or names the damage."""
+    rng = np.random.default_rng(5)
+    img = smooth_image(rng, 48, 64)
+    Image.fromarray(img).save(tmp_path / "x.png")
+    Image.fromarray(img).save(tmp_path / "x.jpg", quality=95)
+    data = (tmp_path / "x.png").read_bytes()
+    (tmp_path / "no_end.png").write_bytes(data[:-12])  # pixels complete, IEND lost
+    damaged = bytearray(data)
+    damaged[len(data) // 2] ^= 0xFF  # inside IDAT: zlib's check fails in both decoders
+    (tmp_path / "damaged.png").write_bytes(bytes(damaged))
+    assert cv2.imdecode(np.frombuffer(data[:-12], np.uint8), cv2.IMREAD_COLOR) is None
+
+    pillow_open = Image.open
+    opened = []
+    monkeypatch.setattr(Image, "open", lambda path, *a: opened.append(path.name) or pillow_open(path, *a))
+    assert np.array_equal(load_rgb_uint8(tmp_path / "x.png"), img) and opened == []
+    assert np.array_equal(load_rgb_uint8(tmp_path / "no_end.png"), img)
+    assert opened == ["no_end.png"]
+    assert load_rgb_uint8(tmp_path / "x.jpg").shape == (48, 64, 3) and opened[-1] == "x.jpg"
+    with pytest.raises(ImageError, match="damaged.png.*corrupt or truncated"):
+        load_rgb_uint8(tmp_path / "damaged.png")
+    assert opened[-1] == "damaged.png"
+    monkeypatch.setattr(ds, "_cv2", False)  # OpenCV not installed: Pillow decodes it, equally
+    assert np.array_equal(load_rgb_uint8(tmp_path / "x.png"), img) and opened[-1] == "x.png"
 
 
 def test_manifest_paths_labels_and_errors(tmp_path):
