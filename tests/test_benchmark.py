@@ -1,6 +1,7 @@
 """benchmark_CRBL.py: a tiny real run (workers, interleaving, JSON, table); not a timed test."""
 import importlib.util
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +110,21 @@ def test_worker_peak_memory_is_its_own():
                          cwd=Path(benchmark_CRBL.__file__).parent)
     assert ballast.sum() == 2**28
     assert 5 < float(out.stdout) < 200  # the interpreter and numpy
+
+
+def test_end_to_end_ratio_is_paired_by_round():
+    """e2e/forward from each round's own three calls, then the median: a round where the
+    machine ran everything 3× slower does not pull the ratio, a round with one slow call
+    moves it only in that round."""
+    # 4 images at batch 1: forward 0.1 s per image; the script 0.2 s start-up plus 0.125 s per
+    # image, so its steady state is 0.8× the forward, with start-up 0.1·4 / 0.7 = 0.571×.
+    rounds = [(1, 1, 1), (3, 3, 3), (1, 1.6, 1), (2, 2, 2), (1, 1, 1)]  # factors fwd, e2e, one
+    times = {"forward_n": [0.4 * f for f, _, _ in rounds],
+             "e2e": [0.7 * e for _, e, _ in rounds],
+             "e2e_one_batch": [0.325 * o for _, _, o in rounds]}
+    ratios = benchmark_CRBL.summarise(times, {}, batch=1, n_e2e=4)["ratios"]
+    assert ratios["e2e_vs_forward"] == pytest.approx(0.8)
+    assert ratios["e2e_with_startup_vs_forward"] == pytest.approx(0.4 / 0.7)
+    # The same samples as a difference and ratio of medians: 0.38, the slow e2e call's round.
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    assert (3 / (med["e2e"] - med["e2e_one_batch"])) / (4 / med["forward_n"]) < 0.4
