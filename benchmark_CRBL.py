@@ -567,19 +567,20 @@ def summarise(times: dict, memory: dict, batch: int, n_e2e: int) -> dict:
     per_call_images = {"forward_n": n_e2e, "e2e": n_e2e}
     ips = {name: per_call_images.get(name, batch) / s for name, s in med.items()
            if name != "e2e_one_batch"}
-    paired = {}  # e2e ratios taken round by round (a round's three calls run back to back),
-    # then the median: a ratio of medians from different rounds carries the machine's drift
-    # between rounds (±10 % here) into it twice.
+    # e2e ratios are taken round by round (a round's three calls run back to back), then the
+    # median: a ratio of medians from different rounds carries the machine's drift between
+    # rounds (±10 % here) into it twice.
+    paired = {}
     if "e2e" in times:
         rounds = list(zip(times["e2e"], times["e2e_one_batch"], times["forward_n"]))
         paired["e2e_with_startup_vs_forward"] = statistics.median(fwd / e2e for e2e, _, fwd in rounds)
-    if "e2e" in times and n_e2e > batch:
-        # The script's steady state: the images after the first batch, whose cost (model
-        # loading, start-up, first batch) the one-batch run measures and the N-image run repeats.
-        steady = [(n_e2e - batch) / max(e2e - one, 1e-9) for e2e, one, _ in rounds]
-        ips["e2e_steady"] = statistics.median(steady)
-        paired["e2e_vs_forward"] = statistics.median(
-            rate * fwd / n_e2e for rate, (_, _, fwd) in zip(steady, rounds))
+        if n_e2e > batch:
+            # The script's steady state: the images after the first batch, whose cost (model
+            # loading, start-up, first batch) the one-batch run measures and the N-image run repeats.
+            steady = [(n_e2e - batch) / max(e2e - one, 1e-9) for e2e, one, _ in rounds]
+            ips["e2e_steady"] = statistics.median(steady)
+            paired["e2e_vs_forward"] = statistics.median(
+                rate * fwd / n_e2e for rate, (_, _, fwd) in zip(steady, rounds))
 
     def ratio(a, b):  # speed of a relative to b
         return ips[a] / ips[b] if a in ips and b in ips else None
