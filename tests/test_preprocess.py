@@ -5,12 +5,14 @@ import struct
 import zlib
 
 import sys
+import threading
 import warnings
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 import dataset_pytorch_directml as ds
 from dataset_pytorch_directml import (ImageError, compute_metrics, load_rgb_uint8,
@@ -207,6 +209,45 @@ def test_png_decoder_opencv_first_pillow_for_the_rest(tmp_path, monkeypatch):
     assert opened[-1] == "damaged.png"
     monkeypatch.setattr(ds, "_cv2", False)  # OpenCV not installed: Pillow decodes it, equally
     assert np.array_equal(load_rgb_uint8(tmp_path / "x.png"), img) and opened[-1] == "x.png"
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_batch_decoded_in_threads_equals_one_by_one(tmp_path, monkeypatch, threads):
+    """A DataLoader without worker processes (the CPU default) fetches a batch through
+    TestDataset.__getitems__: one decoding thread per intra-op core, the items in order, each bad
+    file its own error row, every image equal to the one-at-a-time path."""
+    rng = np.random.default_rng(9)
+    names = []
+    for i in range(7):
+        names.append(f"{i}.jpg" if i % 3 == 1 else f"{i}.png")  # Pillow and OpenCV decodes
+        Image.fromarray(smooth_image(rng, 40 + i, 50)).save(tmp_path / names[-1])
+    (tmp_path / "text.png").write_text("not an image")
+    _bomb_png(tmp_path / "bomb.png")  # Pillow's decompression-bomb check, under its warnings lock
+    names[3:3], names[6:6] = ["text.png"], ["bomb.png"]
+    names.append("missing.png")
+    dataset = ds.TestDataset([ds.Sample(tmp_path / n, n, None) for n in names], 32)
+    decoded_by = []
+    preprocess = ds.preprocess_image
+    monkeypatch.setattr(ds, "preprocess_image", lambda *a: decoded_by.append(
+        threading.current_thread().name) or preprocess(*a))
+    saved_threads, filters = torch.get_num_threads(), list(warnings.filters)
+    torch.set_num_threads(threads)
+    try:
+        images, indices, errors = next(iter(DataLoader(dataset, batch_size=len(names))))
+    finally:
+        torch.set_num_threads(saved_threads)
+    assert warnings.filters == filters
+    assert len(decoded_by) == len(names)
+    if threads == 1:
+        assert set(decoded_by) == {threading.current_thread().name}
+    else:
+        assert all(name.startswith("crbl-decode") for name in decoded_by)
+    assert indices.tolist() == list(range(len(names)))
+    for i, (image, index, error) in enumerate(dataset[i] for i in range(len(names))):
+        assert torch.equal(images[i], image) and errors[i] == error
+    bad = {"text.png": "not an image", "bomb.png": "decompression bomb", "missing.png": "not found"}
+    for name, error in zip(names, errors):
+        assert (bad[name] in error) if name in bad else error == ""
 
 
 def test_manifest_paths_labels_and_errors(tmp_path):
