@@ -520,6 +520,43 @@ def test_frozen_batchnorm_keeps_statistics_in_training(small_model):
     assert small_model.dropout.training  # dropout still active, as in Keras fit()
 
 
+@pytest.mark.parametrize("model_type,frozen_parts", [("crop", 5), ("full", 9)])
+def test_frozen_layers_run_without_autograd_same_training_step(model_type, frozen_parts):
+    """In training, the leading backbone parts that train nothing (crop: the stem and stages
+    1-4; full: all 9 parts) run under no_grad. Loss, gradients and BatchNorm statistics equal
+    bit for bit those of the same model with every part under autograd, random draws included."""
+    models = []
+    for shortcut in (True, False):
+        model = _small_varied_model()
+        freeze_backbones(model, model_type)
+        model.train()
+        if not shortcut:
+            for body in (model.backbone1.body, model.backbone2.body):
+                body._leading_frozen_parts = lambda x, parts: 0
+        models.append(model)
+    x = torch.rand(3, 3, 64, 64)
+    parts = range(9)  # stem, 7 stages, head
+    assert models[0].backbone2.body._leading_frozen_parts(x, parts) == frozen_parts
+    runs = []
+    for model in models:
+        torch.manual_seed(3)  # dropout and drop path draw the same numbers in both
+        loss = model(x).sum()
+        loss.backward()
+        runs.append((loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad},
+                     model.state_dict()))
+    (loss1, grads1, state1), (loss2, grads2, state2) = runs
+    assert torch.equal(loss1, loss2) and grads1.keys() == grads2.keys()
+    assert all(torch.equal(grads1[name], grads2[name]) for name in grads1)
+    assert all(torch.equal(state1[name], state2[name]) for name in state1)
+    # Autograd stays wherever it is needed.
+    body = models[0].backbone1.body
+    assert body._leading_frozen_parts(x.clone().requires_grad_(), parts) == 0  # input gradients
+    with torch.no_grad():
+        assert body._leading_frozen_parts(x, parts) == 0  # nothing to do: no graph anyway
+    nothing_frozen = _small_varied_model().train()
+    assert nothing_frozen.backbone1.body._leading_frozen_parts(x, parts) == 0
+
+
 def test_bad_freeze_arguments(small_model):
     with pytest.raises(CRBLError, match="model type"):
         freeze_backbones(small_model, "partial")
