@@ -62,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1),
                    help="CPU threads for both frameworks (torch.set_num_threads, TF intra/inter-op)")
     g.add_argument("--e2e-images", type=int, default=0,
-                   help="images for the end-to-end run; 0 = max(256, 8 batches)")
+                   help="images for the end-to-end run; 0 = max(256, 16 batches)")
     g.add_argument("--amp", action="store_true",
                    help="CUDA/ROCm: float16 autocast backbones (the head stays float32) for every "
                         "PyTorch variant, GradScaler in training, --fp16 in the inference script; "
@@ -490,8 +490,9 @@ def make_model_files(size: int, model_dir: Path, args, notes: list[str]) -> None
 def bench_config(size: int, batch: int, model_dir: Path, args) -> dict:
     """All measurements for one (size, batch), in fresh worker processes."""
     # Start-up (~0.2 s, varying by ~0.1 s) is taken out by a one-batch run: over 64 images at
-    # 224 px batch 1 that left 0.75-0.77 of the forward, over 256 images 0.87.
-    n_e2e = math.ceil((args.e2e_images or max(256, 8 * batch)) / batch) * batch
+    # 224 px batch 1 that left 0.75-0.77 of the forward, over 256 images 0.87; at batch 32, 16
+    # batches (over 8: 0.73-0.96 in four runs at 128 px, where the script's own loop ran at 0.91).
+    n_e2e = math.ceil((args.e2e_images or max(256, 16 * batch)) / batch) * batch
     workdir = model_dir / f"batch{batch}"
     workers: list[Worker] = []
     try:
