@@ -9,8 +9,10 @@ For each image size and batch size it reports, as ratios of speeds measured side
 twin network on small CPU batches): the practical limit, what the head and input scaling cost;
 (b) the CRBL forward vs the original Keras model under tf.function, same weights, inputs and
 threads (when TensorFlow, tf-keras and efficientnet are installed, as in requirements-dev.txt);
-(c) inference_CRBL_pytorch_directml.py end to end (PNG files -> CSV) in steady state, and with
-its start-up (model loading) included, vs the model-only forward on the same images; (d) a crop-model training step vs a Keras train step;
+(c) inference_CRBL_pytorch_directml.py end to end (PNG files -> CSV) in steady state (its
+scoring loop, timed inside the run, after the first batch), and the whole run with its start-up
+(model loading) included, vs the model-only forward on the same images; (d) a crop-model
+training step vs a Keras train step;
 (e) peak memory (resident-set high-water mark) of each side at inference and after training.
 On a GPU it also checks parity: the GPU's probabilities vs the same model on the CPU (float32,
 and float16 autocast with --amp), and reports --amp's speed-up over float32.
@@ -217,9 +219,9 @@ class TorchWorker:
                 for chunk in self.e2e_tensors():
                     self.sync(m(chunk))
             elif what == "e2e":
-                self.end_to_end(self.e2e_files(), self.args.e2e_images)
+                return self.end_to_end(self.e2e_files(), self.args.e2e_images)
             elif what == "e2e_one_batch":  # start-up and first-batch latency
-                self.end_to_end(self.workdir / "one_batch", self.batch)
+                return self.end_to_end(self.workdir / "one_batch", self.batch)
             elif what in ("probs", "probs_amp"):
                 return torch.sigmoid(m(self.x).float()).flatten().tolist()
             else:
@@ -258,18 +260,35 @@ class TorchWorker:
             self._e2e_x = [self._tensor(x[i:i + self.batch]) for i in range(0, len(x), self.batch)]
         return self._e2e_x
 
-    def end_to_end(self, folder: Path, expected_images: int) -> None:
+    def end_to_end(self, folder: Path, expected_images: int) -> float:
+        """Run the inference script on `folder`; returns the seconds of its scoring loop
+        (decoding, resizing, forwards, CSV rows): the run less imports, model loading and folding,
+        whose time varies by ~0.1 s from run to run."""
         import inference_CRBL_pytorch_directml as inference
         output = self.workdir / "predictions.csv"
-        code = inference.main(["--weights", str(self.checkpoint), "--input", str(folder),
-                               "--output", str(output), "--device", self.args.device,
-                               "--batch-size", str(self.batch), "--no-progress"]
-                              + (["--fp16"] if self.amp else []))
+        score_to_csv, loop = inference.score_to_csv, []
+
+        def timed_score_to_csv(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return score_to_csv(*args, **kwargs)
+            finally:
+                loop.append(time.perf_counter() - start)
+
+        inference.score_to_csv = timed_score_to_csv
+        try:
+            code = inference.main(["--weights", str(self.checkpoint), "--input", str(folder),
+                                   "--output", str(output), "--device", self.args.device,
+                                   "--batch-size", str(self.batch), "--no-progress"]
+                                  + (["--fp16"] if self.amp else []))
+        finally:
+            inference.score_to_csv = score_to_csv
         if code != 0:
             raise RuntimeError(f"inference script exited with {code}")
         rows = len(output.read_text(encoding="utf-8-sig").splitlines()) - 1  # minus the header
         if rows != expected_images:  # the images/s figures assume exactly this many
             raise RuntimeError(f"the inference script scored {rows} images, expected {expected_images}")
+        return loop[0]
 
     def train_step(self) -> None:
         torch = self.torch
@@ -441,20 +460,25 @@ class Worker:
 
 
 def interleaved(variants: dict[str, tuple[Worker, str]], warmup: int, repeats: int,
-                min_time: float = 0.0) -> dict[str, list[float]]:
+                min_time: float = 0.0, values: dict[str, list] | None = None
+                ) -> dict[str, list[float]]:
     """Seconds per call of each variant: rounds of one sample each, order rotated every round.
-    A sample repeats a call that the warm-up found faster than min_time, and is the mean."""
+    A sample repeats a call that the warm-up found faster than min_time, and is the mean.
+    `values`, if given, collects what each timed sample's (last) call returned."""
     names = list(variants)
     times: dict[str, list[float]] = {name: [] for name in names}
     calls = dict.fromkeys(names, 1)
     for r in range(warmup + repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
             worker, request = variants[name]
-            seconds = worker.ask(f"{request} x{calls[name]}")["seconds"]
+            answer = worker.ask(f"{request} x{calls[name]}")
+            seconds = answer["seconds"]
             if r < warmup:
                 calls[name] = max(1, min(100, round(min_time / max(seconds, 1e-6))))
             else:
                 times[name].append(seconds)
+                if values is not None:
+                    values.setdefault(name, []).append(answer["value"])
     return times
 
 
@@ -542,8 +566,11 @@ def measure(torch_w: Worker, keras: Worker | None, args, result: dict, checkpoin
             amp = torch_w.ask("probs_amp")["value"]
             result["max_abs_prob_diff_amp_vs_cpu"] = float(np.abs(np.subtract(amp, cpu)).max())
     if not args.no_e2e:  # one warm-up: the inference script's first run imports its modules
+        loops: dict[str, list] = {}  # the seconds of each run's scoring loop
         times.update(interleaved({"forward_n": (torch_w, "forward_n"), "e2e": (torch_w, "e2e"),
-                                  "e2e_one_batch": (torch_w, "e2e_one_batch")}, 1, args.repeats))
+                                  "e2e_one_batch": (torch_w, "e2e_one_batch")}, 1, args.repeats,
+                                 values=loops))
+        times["e2e_loop"], times["e2e_one_batch_loop"] = loops["e2e"], loops["e2e_one_batch"]
     if not args.no_train:
         train = {"train": (torch_w, "train")}
         if keras:
@@ -567,9 +594,9 @@ def cpu_probs(checkpoint: Path, size: int, batch: int) -> list[float]:
 
 def summarise(times: dict, memory: dict, batch: int, n_e2e: int) -> dict:
     med = {name: statistics.median(ts) for name, ts in times.items()}
-    per_call_images = {"forward_n": n_e2e, "e2e": n_e2e}
+    per_call_images = {"forward_n": n_e2e, "e2e": n_e2e, "e2e_loop": n_e2e}
     ips = {name: per_call_images.get(name, batch) / s for name, s in med.items()
-           if name != "e2e_one_batch"}
+           if name not in ("e2e_one_batch", "e2e_one_batch_loop")}
     # e2e ratios are taken round by round (a round's three calls run back to back), then the
     # median: a ratio of medians from different rounds carries the machine's drift between
     # rounds (±10 % here) into it twice.
@@ -578,9 +605,10 @@ def summarise(times: dict, memory: dict, batch: int, n_e2e: int) -> dict:
         rounds = list(zip(times["e2e"], times["e2e_one_batch"], times["forward_n"]))
         paired["e2e_with_startup_vs_forward"] = statistics.median(fwd / e2e for e2e, _, fwd in rounds)
         if n_e2e > batch:
-            # The script's steady state: the images after the first batch, whose cost (model
-            # loading, start-up, first batch) the one-batch run measures and the N-image run repeats.
-            steady = [(n_e2e - batch) / max(e2e - one, 1e-9) for e2e, one, _ in rounds]
+            # The script's steady state: the images after the first batch, in its scoring loop
+            # (start-up excluded), whose first batch the one-batch run measures.
+            steady = [(n_e2e - batch) / max(loop - one, 1e-9)
+                      for loop, one in zip(times["e2e_loop"], times["e2e_one_batch_loop"])]
             ips["e2e_steady"] = statistics.median(steady)
             paired["e2e_vs_forward"] = statistics.median(
                 rate * fwd / n_e2e for rate, (_, _, fwd) in zip(steady, rounds))

@@ -402,7 +402,7 @@ class EfficientNetB0(nn.Module):
         # Under autograd, the leading parts that train nothing (the frozen layers of a fine-tune)
         # run without it: no graph would be recorded there anyway, the values and random draws
         # are the same, and the in-place and border-only shortcuts of inference apply.
-        frozen = self._leading_frozen_parts(x, parts)
+        frozen = self._leading_frozen_parts(x)
         with torch.no_grad():
             for part in parts[:frozen]:
                 x = part(x)
@@ -416,10 +416,10 @@ class EfficientNetB0(nn.Module):
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         return F.silu(self.bn2(self.conv_head(x)), inplace=True)
 
-    def _leading_frozen_parts(self, x: torch.Tensor, parts: tuple) -> int:
-        """How many of `parts` (stem, the 7 stages, head) from the input on hold no parameter
-        that requires a gradient; 0 without autograd, for an input that needs its gradient
-        (saliency maps), and while a graph is captured (tracing, compiling, ONNX)."""
+    def _leading_frozen_parts(self, x: torch.Tensor) -> int:
+        """How many of forward's parts (stem, the 7 stages, head), from the input on, hold no
+        parameter that requires a gradient; 0 without autograd, for an input that needs its
+        gradient (saliency maps), and while a graph is captured (tracing, compiling, ONNX)."""
         if not torch.is_grad_enabled() or x.requires_grad or _capturing_graph():
             return 0
         modules = ((self.conv_stem, self.bn1), *((stage,) for stage in self.blocks),
@@ -427,7 +427,7 @@ class EfficientNetB0(nn.Module):
         for count, group in enumerate(modules):
             if any(p.requires_grad for module in group for p in module.parameters()):
                 return count
-        return len(parts)
+        return len(modules)
 
 
 class EfficientNetB0FeatureExtractor(nn.Module):

@@ -532,11 +532,10 @@ def test_frozen_layers_run_without_autograd_same_training_step(model_type, froze
         model.train()
         if not shortcut:
             for body in (model.backbone1.body, model.backbone2.body):
-                body._leading_frozen_parts = lambda x, parts: 0
+                body._leading_frozen_parts = lambda x: 0
         models.append(model)
     x = torch.rand(3, 3, 64, 64)
-    parts = range(9)  # stem, 7 stages, head
-    assert models[0].backbone2.body._leading_frozen_parts(x, parts) == frozen_parts
+    assert models[0].backbone2.body._leading_frozen_parts(x) == frozen_parts  # of 9
     runs = []
     for model in models:
         torch.manual_seed(3)  # dropout and drop path draw the same numbers in both
@@ -550,11 +549,11 @@ def test_frozen_layers_run_without_autograd_same_training_step(model_type, froze
     assert all(torch.equal(state1[name], state2[name]) for name in state1)
     # Autograd stays wherever it is needed.
     body = models[0].backbone1.body
-    assert body._leading_frozen_parts(x.clone().requires_grad_(), parts) == 0  # input gradients
+    assert body._leading_frozen_parts(x.clone().requires_grad_()) == 0  # input gradients
     with torch.no_grad():
-        assert body._leading_frozen_parts(x, parts) == 0  # nothing to do: no graph anyway
+        assert body._leading_frozen_parts(x) == 0  # nothing to do: no graph anyway
     nothing_frozen = _small_varied_model().train()
-    assert nothing_frozen.backbone1.body._leading_frozen_parts(x, parts) == 0
+    assert nothing_frozen.backbone1.body._leading_frozen_parts(x) == 0
 
 
 def test_bad_freeze_arguments(small_model):
