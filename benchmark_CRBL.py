@@ -513,9 +513,9 @@ def make_model_files(size: int, model_dir: Path, args, notes: list[str]) -> None
 
 def bench_config(size: int, batch: int, model_dir: Path, args) -> dict:
     """All measurements for one (size, batch), in fresh worker processes."""
-    # Start-up (~0.2 s, varying by ~0.1 s) is taken out by a one-batch run: over 64 images at
-    # 224 px batch 1 that left 0.75-0.77 of the forward, over 256 images 0.87; at batch 32, 16
-    # batches (over 8: 0.73-0.96 in four runs at 128 px, where the script's own loop ran at 0.91).
+    # Enough images for a steady e2e figure: whole runs less a one-batch run gave 0.75-0.77 of the
+    # forward over 64 images at 224 px batch 1 and 0.87 over 256, and 0.73-0.96 over 8 batches of
+    # 32 at 128 px, whose loop ran at 0.91; the loop is now timed inside each run (end_to_end).
     n_e2e = math.ceil((args.e2e_images or max(256, 16 * batch)) / batch) * batch
     workdir = model_dir / f"batch{batch}"
     workers: list[Worker] = []
