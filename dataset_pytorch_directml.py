@@ -337,14 +337,17 @@ class TestDataset(Dataset):
         return list(_decode_pool(threads).map(self.__getitem__, indices))
 
 
-_decode_pools: dict[int, ThreadPoolExecutor] = {}
+_decode_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
 
 def _decode_pool(threads: int) -> ThreadPoolExecutor:
-    """The process's decoding threads, `threads` of them, started once and kept."""
-    if threads not in _decode_pools:
-        _decode_pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="crbl-decode")
-    return _decode_pools[threads]
+    """This process's decoding threads, `threads` of them, started once and kept. Keyed by
+    process id too, as model_pytorch_directml._second_thread: a forked child inherits the
+    parent's pool without its threads, and work handed to it would wait forever."""
+    key = (os.getpid(), threads)
+    if key not in _decode_pools:
+        _decode_pools[key] = ThreadPoolExecutor(threads, thread_name_prefix="crbl-decode")
+    return _decode_pools[key]
 
 
 def worker_init(_worker_id: int) -> None:

@@ -4,6 +4,8 @@ torch fallback's otherwise."""
 import struct
 import zlib
 
+import multiprocessing
+import os
 import sys
 import threading
 import warnings
@@ -248,6 +250,26 @@ def test_batch_decoded_in_threads_equals_one_by_one(tmp_path, monkeypatch, threa
     bad = {"text.png": "not an image", "bomb.png": "decompression bomb", "missing.png": "not found"}
     for name, error in zip(names, errors):
         assert (bad[name] in error) if name in bad else error == ""
+
+
+def _decode_pool_answers(queue):
+    try:
+        queue.put(ds._decode_pool(2).submit(os.getpid).result(timeout=10) == os.getpid())
+    except Exception as exc:  # a pool inherited without its threads: TimeoutError
+        queue.put(repr(exc))
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="no fork here")
+def test_decode_pool_works_in_a_forked_child():
+    """A forked child gets a pool of its own: the parent's, inherited without its threads but
+    with its idle count, would take the work and never run it."""
+    list(ds._decode_pool(2).map(abs, [-1, -2, -3]))  # the parent's threads, started, now idle
+    fork = multiprocessing.get_context("fork")
+    queue = fork.Queue()
+    child = fork.Process(target=_decode_pool_answers, args=(queue,))
+    child.start()
+    child.join(30)
+    assert queue.get(timeout=5) is True
 
 
 def test_manifest_paths_labels_and_errors(tmp_path):
