@@ -602,8 +602,9 @@ def summarise(times: dict, memory: dict, batch: int, n_e2e: int) -> dict:
     # rounds (±10 % here) into it twice.
     paired = {}
     if "e2e" in times:
-        rounds = list(zip(times["e2e"], times["e2e_one_batch"], times["forward_n"]))
-        paired["e2e_with_startup_vs_forward"] = statistics.median(fwd / e2e for e2e, _, fwd in rounds)
+        forward = times["forward_n"]
+        paired["e2e_with_startup_vs_forward"] = statistics.median(
+            fwd / e2e for e2e, fwd in zip(times["e2e"], forward))
         if n_e2e > batch:
             # The script's steady state: the images after the first batch, in its scoring loop
             # (start-up excluded), whose first batch the one-batch run measures.
@@ -611,7 +612,7 @@ def summarise(times: dict, memory: dict, batch: int, n_e2e: int) -> dict:
                       for loop, one in zip(times["e2e_loop"], times["e2e_one_batch_loop"])]
             ips["e2e_steady"] = statistics.median(steady)
             paired["e2e_vs_forward"] = statistics.median(
-                rate * fwd / n_e2e for rate, (_, _, fwd) in zip(steady, rounds))
+                rate * fwd / n_e2e for rate, fwd in zip(steady, forward))
 
     def ratio(a, b):  # speed of a relative to b
         return ips[a] / ips[b] if a in ips and b in ips else None

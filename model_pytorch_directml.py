@@ -398,17 +398,24 @@ class EfficientNetB0(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = (self._stem, *self.blocks, self._head)
         # Under autograd, the leading parts that train nothing (the frozen layers of a fine-tune)
         # run without it: no graph would be recorded there anyway, the values and random draws
         # are the same, and the in-place and border-only shortcuts of inference apply.
         frozen = self._leading_frozen_parts(x)
+        parts = [run for run, _ in self._parts()]
         with torch.no_grad():
             for part in parts[:frozen]:
                 x = part(x)
         for part in parts[frozen:]:
             x = part(x)
         return x
+
+    def _parts(self) -> tuple:
+        """forward in order, as (callable, the modules whose parameters it uses): the stem, the 7
+        stages, the head."""
+        return ((self._stem, (self.conv_stem, self.bn1)),
+                *((stage, (stage,)) for stage in self.blocks),
+                (self._head, (self.conv_head, self.bn2)))
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         return F.silu(self.bn1(self.conv_stem(x)), inplace=True)
@@ -422,12 +429,11 @@ class EfficientNetB0(nn.Module):
         gradient (saliency maps), and while a graph is captured (tracing, compiling, ONNX)."""
         if not torch.is_grad_enabled() or x.requires_grad or _capturing_graph():
             return 0
-        modules = ((self.conv_stem, self.bn1), *((stage,) for stage in self.blocks),
-                   (self.conv_head, self.bn2))
-        for count, group in enumerate(modules):
-            if any(p.requires_grad for module in group for p in module.parameters()):
+        parts = self._parts()
+        for count, (_, modules) in enumerate(parts):
+            if any(p.requires_grad for module in modules for p in module.parameters()):
                 return count
-        return len(modules)
+        return len(parts)
 
 
 class EfficientNetB0FeatureExtractor(nn.Module):
