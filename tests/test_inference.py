@@ -244,6 +244,42 @@ def test_rows_are_written_as_it_goes(checkpoint, tmp_path, monkeypatch, capsys):
     assert [r["image_path"] for r in rows] == names[:4] and all(r["score"] for r in rows)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_small_batches_are_decoded_ahead_and_scored_as_asked(checkpoint, tmp_path, monkeypatch,
+                                                             batch):
+    names = [f"{i:02d}.png" for i in range(11)]
+    write_images(tmp_path / "imgs", names)
+    (tmp_path / "imgs" / "05.png").write_text("not a PNG")  # an error row among decoded-ahead ones
+    fetched, forwarded = [], []
+    real_getitems, real_forward = inference.TestDataset.__getitems__, inference.forward_logits
+
+    def getitems(self, indices):
+        fetched.append(len(indices))
+        return real_getitems(self, indices)
+
+    def forward(model, x, *args):
+        forwarded.append(len(x))
+        return real_forward(model, x, *args)
+    monkeypatch.setattr(inference.TestDataset, "__getitems__", getitems)
+    monkeypatch.setattr(inference, "forward_logits", forward)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for workers in (0, 1):  # a worker process fetches batch by batch (its calls go uncounted)
+            assert run("--weights", checkpoint, "--input", tmp_path / "imgs", "--output",
+                       tmp_path / f"w{workers}.csv", "--batch-size", batch, "--workers", workers) == 0
+    finally:
+        torch.set_num_threads(threads)
+    fetch = batch * -(-inference.DECODE_AHEAD // batch)  # whole batches, at least DECODE_AHEAD images
+    assert fetched == [fetch, len(names) - fetch]
+    # the model saw the batches asked for, less the unreadable image, in both runs
+    asked = [len(names[i:i + batch]) - (i <= 5 < i + batch) for i in range(0, len(names), batch)]
+    assert forwarded == [n for n in asked if n] * 2
+    ahead, one_by_one = read_rows(tmp_path / "w0.csv"), read_rows(tmp_path / "w1.csv")
+    assert [r["image_path"] for r in ahead] == names and ahead == one_by_one  # same bits
+    assert "not an image" in ahead[5]["error"] and all(r["score"] for r in ahead if r is not ahead[5])
+
+
 def test_user_errors_are_one_line(checkpoint, tmp_path, capsys):
     write_images(tmp_path / "imgs", ["x.png"])
     cases = [("--input", tmp_path / "nope"), ("--input", tmp_path / "imgs", "--threshold", 2),
