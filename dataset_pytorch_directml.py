@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, get_worker_info
 
-from model_pytorch_directml import CRBLError
+from model_pytorch_directml import CRBLError, thread_pool
 
 # What a folder scan picks up (case-insensitive). Extensions of image formats Pillow cannot
 # decode are listed too, so such files get an error row instead of silently vanishing.
@@ -337,17 +337,8 @@ class TestDataset(Dataset):
         return list(_decode_pool(threads).map(self.__getitem__, indices))
 
 
-_decode_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
-
-
 def _decode_pool(threads: int) -> ThreadPoolExecutor:
-    """This process's decoding threads, `threads` of them, started once and kept. Keyed by
-    process id too, as model_pytorch_directml._second_thread: a forked child inherits the
-    parent's pool without its threads, and work handed to it would wait forever."""
-    key = (os.getpid(), threads)
-    if key not in _decode_pools:
-        _decode_pools[key] = ThreadPoolExecutor(threads, thread_name_prefix="crbl-decode")
-    return _decode_pools[key]
+    return thread_pool("crbl-decode", threads)
 
 
 def worker_init(_worker_id: int) -> None:

@@ -1034,15 +1034,23 @@ class CRBLModel(nn.Module):
 
 # Small CPU batches: the two backbones side by side, one core each (below).
 PARALLEL_BACKBONES_MAX_BATCH = 4
-_side_thread: tuple[int, ThreadPoolExecutor] | None = None  # (pid, executor): a fork gets its own
+_thread_pools: dict[tuple[int, str, int], ThreadPoolExecutor] = {}
+
+
+def thread_pool(name: str, threads: int, initializer=None, initargs: tuple = ()
+                ) -> ThreadPoolExecutor:
+    """This process's `threads` threads named `name`, started once and kept. Keyed by process
+    id: a forked child inherits the parent's pool without its threads but with its idle count,
+    and work handed to it would never run."""
+    key = (os.getpid(), name, threads)
+    if key not in _thread_pools:
+        _thread_pools[key] = ThreadPoolExecutor(threads, thread_name_prefix=name,
+                                                initializer=initializer, initargs=initargs)
+    return _thread_pools[key]
 
 
 def _second_thread() -> ThreadPoolExecutor:
-    global _side_thread
-    if _side_thread is None or _side_thread[0] != os.getpid():
-        _side_thread = (os.getpid(), ThreadPoolExecutor(
-            1, thread_name_prefix="crbl-backbone2", initializer=torch.set_num_threads, initargs=(1,)))
-    return _side_thread[1]
+    return thread_pool("crbl-backbone2", 1, initializer=torch.set_num_threads, initargs=(1,))
 
 
 def _both_backbones_at_once(backbone1: nn.Module, backbone2: nn.Module, x: torch.Tensor
