@@ -776,16 +776,16 @@ class _DropoutLinear1(torch.autograd.Function):
         n, d = z.shape
         keep = _keep_mask(n, d, p, z.device)
         scale = 1.0 / (1.0 - p)
-        w = weight.reshape(-1)
-        logits = z.new_empty(n)
+        w_col = weight.reshape(-1, 1)  # mm with a column: torch-directml has no addmv (mv)
+        logits = z.new_empty(n, 1)
         step = _chunk(n, d, z.device)
         buf = z.new_empty(step, d)
         for i in range(0, n, step):
             k = min(step, n - i)
-            logits[i:i + k] = buf[:k].copy_(keep[i:i + k]).mul_(z[i:i + k]) @ w
+            torch.mm(buf[:k].copy_(keep[i:i + k]).mul_(z[i:i + k]), w_col, out=logits[i:i + k])
         ctx.save_for_backward(z, weight, keep)
         ctx.scale, ctx.bias_shape = scale, bias.shape
-        return (logits * scale)[:, None] + bias
+        return logits * scale + bias
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -877,7 +877,9 @@ class BilinearPooling(nn.Module):
                 sq_norm += chunk_sq
                 continue
             sq_norm += _signed_sqrt_(phi, sign if k == rows else sign[:, :k].contiguous(), self.eps)
-            dot += phi.reshape(n, -1) @ w_mat[r:r + k].reshape(-1)  # BLAS gemv: no product tensor
+            # A matrix product with a (k·C, 1) column, not `@` a vector: the vector form is
+            # addmv, which torch-directml lacks (a CPU round trip per chunk); mm is native there.
+            dot += torch.mm(phi.reshape(n, -1), w_mat[r:r + k].reshape(-1, 1)).view(n)
         return dot, sq_norm
 
     def _fused_kernel(self, a: torch.Tensor, b: torch.Tensor, w_mat: torch.Tensor):

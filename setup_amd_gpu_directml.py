@@ -484,17 +484,20 @@ class Verification:
     device: str = ""
     notes: list[str] = field(default_factory=list)
     forward_ms: float | None = None
+    step_ms: float | None = None
     prob: list[float] = field(default_factory=list)
+    fallback_ops: list[str] | None = None  # ops DirectML ran on the CPU; None = not a DML check
     problems: list[Problem] = field(default_factory=list)
 
 
 def verify(preference: str = "auto", image_size: int = 64, auto_order=("dml", "cuda", "cpu")
            ) -> Verification:
-    """get_device + a matmul checked against the CPU + CRBLModel forward (random init, no downloads)."""
+    """get_device + a matmul checked against the CPU + one CRBL training step and one forward
+    (random init, no downloads), recording every op DirectML sent to the CPU."""
     result = Verification()
     try:
         import torch
-        from model_pytorch_directml import CRBLConfig, CRBLError, CRBLModel, get_device
+        from model_pytorch_directml import CRBLError, get_device
     except Exception as exc:  # ImportError, or OSError from a torch DLL that does not load
         result.problems.append(Problem("error", f"cannot import torch / the CRBL model module "
                                        f"({type(exc).__name__}: {exc})", "run the install plan above"))
@@ -510,21 +513,51 @@ def verify(preference: str = "auto", image_size: int = 64, auto_order=("dml", "c
         got = (a.to(info.device) @ a.to(info.device)).cpu()
         if not torch.allclose(got, a @ a, rtol=1e-3, atol=1e-3):
             raise RuntimeError("64x64 matmul differs from the CPU result")
-        torch.manual_seed(0)
-        model = CRBLModel(CRBLConfig(image_size=image_size)).to(info.device).eval()
-        x = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-        start = time.perf_counter()
-        with torch.no_grad():
-            probs = torch.sigmoid(model(x.to(info.device))).cpu()
-        result.forward_ms = (time.perf_counter() - start) * 1000
-        if probs.shape != (2, 1) or not torch.isfinite(probs).all():
-            raise RuntimeError(f"forward pass gave {tuple(probs.shape)} / non-finite values")
-        result.prob = [round(float(p), 4) for p in probs.flatten()]
+        run_crbl(result, info, image_size)
+        if result.fallback_ops:
+            result.problems.append(Problem(
+                "warning", "this torch-directml runs " + ", ".join(result.fallback_ops) + " on the "
+                "CPU: CRBL works, more slowly", "send the 'DirectML CPU fallbacks' line above to "
+                "the CRBL-PyTorch maintainers"))
     except Exception as exc:
         result.problems.append(Problem("error", f"{info.kind} device failed a test "
                                        f"({type(exc).__name__}: {str(exc)[:300]})",
                                        _device_fix(info.kind)))
     return result
+
+
+def run_crbl(result: Verification, info, image_size: int) -> None:
+    """One training step of the crop model, as the training script takes it (its loss and
+    optimiser), then a forward of the trained model; torch-directml's CPU-fallback warnings
+    during both go to result.fallback_ops."""
+    import torch
+    from model_pytorch_directml import CRBLConfig, CRBLModel, freeze_backbones
+    from train_CRBL_pytorch_directml import CpuFallbackNotice, crbl_loss, make_optimizer
+    torch.manual_seed(0)
+    model = CRBLModel(CRBLConfig(image_size=image_size))
+    freeze_backbones(model, "crop")
+    model = model.to(info.device).train()
+    x = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    x, labels = x.to(info.device), torch.tensor([0.0, 1.0]).to(info.device)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], 1e-4, 1e-6,
+                               info.kind)
+    fallbacks = CpuFallbackNotice(info.kind, say=lambda _: None)
+    with fallbacks():
+        start = time.perf_counter()
+        crbl_loss(model(x), labels, 0.125).backward()
+        optimizer.step()
+        model.head.bias.detach().cpu()  # wait for the step to finish (a sync)
+        result.step_ms = (time.perf_counter() - start) * 1000
+        model.eval()
+        start = time.perf_counter()
+        with torch.no_grad():
+            probs = torch.sigmoid(model(x)).cpu()
+        result.forward_ms = (time.perf_counter() - start) * 1000
+    if info.kind == "dml":
+        result.fallback_ops = fallbacks.seen
+    if probs.shape != (2, 1) or not torch.isfinite(probs).all():
+        raise RuntimeError(f"forward pass gave {tuple(probs.shape)} / non-finite values")
+    result.prob = [round(float(p), 4) for p in probs.flatten()]
 
 
 def _device_fix(kind: str) -> str:
@@ -577,8 +610,14 @@ def print_verification(v: Verification) -> None:
         print(f"  device : {v.device}")
     for note in v.notes:
         print(f"  skipped: {note}")
+    if v.step_ms is not None:
+        print(f"  CRBL training step (crop model, random init, 2 images): {v.step_ms:.0f} ms")
     if v.forward_ms is not None:
-        print(f"  CRBL forward (random init, 2 images): {v.forward_ms:.0f} ms, probs {v.prob}")
+        print(f"  CRBL forward (2 images): {v.forward_ms:.0f} ms, probs {v.prob}")
+    if v.fallback_ops is not None:
+        # One line a user can send us: the ops this torch-directml release lacks.
+        print("  DirectML CPU fallbacks (training step + forward): "
+              + (", ".join(v.fallback_ops) or "none"))
 
 
 def verify_and_print(preference: str, image_size: int) -> list[Problem]:

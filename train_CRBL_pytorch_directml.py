@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import importlib.metadata
 import json
 import math
 import os
@@ -40,9 +41,9 @@ from dataset_pytorch_directml import (ClassBalancedBatchSampler, TestDataset, Tr
                                       read_manifest, stratified_split, train_augmentation,
                                       verify_images, worker_init)
 from model_pytorch_directml import (MODEL_TYPE_THRESHOLDS, PRETRAINED_TAGS, CRBLConfig, CRBLError,
-                                    CRBLModel, find_local_weights, freeze_backbones, get_device,
-                                    load_checkpoint, model_from_checkpoint, place_model,
-                                    save_checkpoint)
+                                    CRBLModel, find_local_weights, freeze_backbones,
+                                    frozen_batchnorms, get_device, load_checkpoint,
+                                    model_from_checkpoint, place_model, save_checkpoint)
 
 # What --demo changes when the flag is not given, so the whole loop runs in minutes on a 2-core
 # CPU: small images, the head alone on fixed backbones (--model-type full), and no class weights,
@@ -51,6 +52,8 @@ DEMO_DEFAULTS = {"output_dir": "runs/demo", "image_size": 64, "batch_size": 16, 
                  "init": "none", "model_type": "full", "class0_prior": 0.5}
 DEMO_IMAGES = {"train_per_class": 48, "test_per_class": 24, "size": 128}
 # Monitored values for --best-metric, and whether lower is better.
+# Training steps between two reads of the running loss for the progress bar (each a device sync).
+LOG_EVERY = 10
 BEST_METRICS = {"val_loss": True, "val_auroc": False, "val_ap": False, "val_f1": False}
 # Options that describe where this run writes or starts from: never taken over by --resume.
 NOT_RESUMED = ("resume", "output_dir")
@@ -291,7 +294,12 @@ def crbl_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float,
     the batch size, not by the sum of the weights.
     """
     targets = labels * (1.0 - smoothing) + 0.5 * smoothing
-    loss = F.binary_cross_entropy_with_logits(logits.flatten(), targets, reduction="none")
+    x = logits.flatten()
+    # TensorFlow's sigmoid_cross_entropy_with_logits, which Keras computes for a sigmoid output:
+    # max(x, 0) - x·t + log(1 + exp(-|x|)). Written out because F.binary_cross_entropy_with_logits
+    # runs log_sigmoid, which torch-directml lacks (a CPU round trip every step); these ops and
+    # their gradients are native there.
+    loss = torch.relu(x) - x * targets + F.softplus(-x.abs())
     if class_weights is not None:
         loss = loss * torch.where(labels > 0.5, class_weights[1], class_weights[0])
     return loss.mean()
@@ -400,11 +408,12 @@ def seed_epoch(seed: int, epoch: int) -> None:
 
 
 class CpuFallbackNotice:
-    """DirectML runs some ops (Adam's lerp, ...) on the CPU with a UserWarning at every call;
-    say so once per op and keep going."""
+    """A safety net for ops a torch-directml release lacks: DirectML runs them on the CPU with a
+    UserWarning at every call. Say so once per op (`say`), remember them in `seen` (the order
+    they were met) and keep going. Training has none today; this catches a future release."""
 
-    def __init__(self, device_kind: str):
-        self.active, self.seen = device_kind == "dml", set()
+    def __init__(self, device_kind: str, say=print):
+        self.active, self.seen, self.say = device_kind == "dml", [], say
 
     @contextlib.contextmanager
     def __call__(self):
@@ -419,11 +428,96 @@ class CpuFallbackNotice:
             if "fall back" in text and "CPU" in text:
                 op = text.split("'")[1] if text.count("'") >= 2 else text[:80]
                 if op not in self.seen:
-                    self.seen.add(op)
-                    print(f"note: DirectML runs {op} on the CPU (no DirectML kernel); training "
-                          "continues, a little slower")
+                    self.seen.append(op)
+                    self.say(f"note: DirectML runs {op} on the CPU (no DirectML kernel); training "
+                             "continues, a little slower")
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+class AdamWWithoutLerp(torch.optim.AdamW):
+    """torch.optim.AdamW's update (decoupled weight decay, no amsgrad) written with mul_/add_/
+    addcmul_/addcdiv_, for DirectML: torch's version moves the first moment with lerp_, which
+    torch-directml lacks (microsoft/DirectML #604, #675), and on a plain DirectML tensor it
+    picks the foreach path, none of whose _foreach_* ops DirectML has either: every step would
+    copy every trainable tensor to the CPU and back. Equal to torch.optim.AdamW within float
+    rounding; the same state dict, so a run resumes on any device."""
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **kwargs)
+        for group in self.param_groups:
+            if group.get("amsgrad") or group.get("maximize") or group.get("capturable"):
+                raise ValueError("AdamWWithoutLerp implements plain AdamW only")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:  # as torch: the step count a CPU tensor, the moments like p
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                state["step"] += 1
+                step = state["step"].item()  # a CPU tensor: no device sync
+                p.mul_(1 - lr * wd)
+                exp_avg.mul_(beta1).add_(p.grad, alpha=1 - beta1)  # = lerp_(grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
+                p.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** step))
+        return loss
+
+
+def make_optimizer(params, lr: float, weight_decay: float, device_kind: str):
+    # Keras >= 2.11 optimizers apply weight_decay decoupled from the gradient: AdamW.
+    optimizer = AdamWWithoutLerp if device_kind == "dml" else torch.optim.AdamW
+    return optimizer(params, lr=lr, weight_decay=weight_decay)
+
+
+class BatchNormWatch:
+    """microsoft/DirectML #364: BatchNorm running statistics that never move in training on
+    DirectML, so the trained model would be evaluated with its starting statistics. After the
+    first training step (one device read, once per run) a trainable BatchNorm's running mean
+    and variance must have moved; if not, stop and say so. Only on DirectML."""
+
+    def __init__(self, model: torch.nn.Module, device_kind: str):
+        frozen = {id(m) for m in frozen_batchnorms(model)}
+        self.name, self.layer = next(
+            ((name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)
+             and m.track_running_stats and id(m) not in frozen), (None, None)) \
+            if device_kind == "dml" else (None, None)
+        if self.layer is not None:
+            self.before = (self.layer.running_mean.clone(), self.layer.running_var.clone())
+
+    def check(self) -> None:
+        if self.layer is None:
+            return
+        layer, self.layer = self.layer, None  # once
+        if torch.equal(layer.running_mean, self.before[0]) and torch.equal(layer.running_var,
+                                                                           self.before[1]):
+            raise CRBLError(
+                f"DirectML did not update the BatchNorm running statistics of {self.name} in "
+                f"training (torch-directml {directml_version()}, microsoft/DirectML #364); fix: "
+                "update torch-directml and the GPU driver, or train with --model-type full "
+                "(its BatchNorm layers are frozen) or on --device cpu")
+
+
+def directml_version() -> str:
+    try:
+        import torch_directml
+        return getattr(torch_directml, "__version__", None) or importlib.metadata.version(
+            "torch-directml")
+    except Exception:  # not installed, no metadata: the message still names the problem
+        return "version unknown"
 
 
 def forward_logits(model, x: torch.Tensor, amp: bool) -> torch.Tensor:
@@ -441,15 +535,20 @@ def to_device(x: torch.Tensor, device) -> torch.Tensor:
 # One epoch
 # --------------------------------------------------------------------------------------------
 
-def train_one_epoch(model, loader, optimizer, scaler, device, args, epoch, fallback) -> dict:
+def train_one_epoch(model, loader, optimizer, scaler, device, args, epoch, fallback,
+                    bn_watch=None) -> dict:
     from tqdm import tqdm
     model.train()  # frozen BatchNorms stay in eval (CRBLModel.train)
     weights = class_weights_from_prior(args.class0_prior)
-    total, labels, scores = 0.0, [], []
+    # Losses and logits stay on the device and are read once, at the end of the epoch (and every
+    # LOG_EVERY steps for the progress bar): each read is a device->host sync that drains the
+    # GPU's queue.
+    loss_sum, labels, logits_seen = 0.0, [], []
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs} train", unit="batch", leave=False,
                disable=args.no_progress, file=sys.stderr)
-    for images, targets in bar:
-        images, targets = to_device(images, device), targets.to(device.device)
+    for step, (images, targets) in enumerate(bar, 1):
+        labels += targets.int().tolist()  # the loader's CPU tensor
+        images, targets = to_device(images, device), to_device(targets, device)
         with fallback():
             logits = forward_logits(model, images, args.amp).float()
             loss = crbl_loss(logits, targets, args.label_smoothing, weights)
@@ -457,33 +556,42 @@ def train_one_epoch(model, loader, optimizer, scaler, device, args, epoch, fallb
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-        total += loss.item() * len(targets)  # note: a device sync per step, fine at this size
-        labels += targets.cpu().int().tolist()
-        scores += torch.sigmoid(logits.detach()).flatten().cpu().tolist()
-        bar.set_postfix(loss=f"{total / len(labels):.4f}")
-    return {"loss": total / len(labels), "labels": labels, "scores": scores}
+        loss_sum = loss_sum + loss.detach() * len(targets)
+        logits_seen.append(logits.detach().flatten())
+        if step == 1 and bn_watch is not None:
+            bn_watch.check()
+        if not args.no_progress and step % LOG_EVERY == 0:
+            bar.set_postfix(loss=f"{float(loss_sum) / len(labels):.4f}")
+    loss_sum, scores = read_once(loss_sum, torch.sigmoid(torch.cat(logits_seen)))
+    return {"loss": loss_sum.item() / len(labels), "labels": labels, "scores": scores.tolist()}
+
+
+def read_once(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors on the CPU in one device->host transfer (one sync instead of one each)."""
+    flat = torch.cat([t.detach().float().reshape(-1) for t in tensors]).cpu()
+    return list(flat.split([t.numel() for t in tensors]))
 
 
 @torch.no_grad()
 def validate(model, loader, device, args, epoch) -> dict:
     """Validation loss (label smoothing, no class weights: Keras applies class_weight to training
-    only) and scores, computed exactly as the inference script does."""
+    only) and scores, computed exactly as the inference script does; logits are read from the
+    device once, at the end."""
     from tqdm import tqdm
     model.eval()
     samples = loader.dataset.samples
-    total, labels, scores = 0.0, [], []
+    labels, logits_seen = [], []
     for images, indices, errors in tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs} val",
                                         unit="batch", leave=False, disable=args.no_progress,
                                         file=sys.stderr):
         for index, error in zip(indices.tolist(), errors):
             if error:  # every file was decoded before training: it changed since
                 raise CRBLError(f"{samples[index].path}: {error} (the file changed during training)")
-        logits = forward_logits(model, to_device(images, device), args.amp).float().flatten().cpu()
-        targets = torch.tensor([float(samples[i].label) for i in indices.tolist()])
-        total += crbl_loss(logits, targets, args.label_smoothing).item() * len(targets)
-        labels += targets.int().tolist()
-        scores += torch.sigmoid(logits).tolist()
-    return {"loss": total / len(labels), "labels": labels, "scores": scores}
+        logits_seen.append(forward_logits(model, to_device(images, device), args.amp).flatten())
+        labels += [samples[i].label for i in indices.tolist()]
+    logits, = read_once(torch.cat(logits_seen))
+    loss = crbl_loss(logits, torch.tensor(labels, dtype=torch.float32), args.label_smoothing)
+    return {"loss": loss.item(), "labels": labels, "scores": torch.sigmoid(logits).tolist()}
 
 
 def epoch_row(epoch, lr, train, val, threshold, seconds) -> dict:
@@ -594,8 +702,7 @@ def fit(args, model, device, data, resume, rank: int = 0, world: int = 1) -> tup
         from torch.nn.parallel import DistributedDataParallel
         net = DistributedDataParallel(model, device_ids=[device.device.index] if device.kind in ("cuda", "rocm") else None)
     params = [p for p in model.parameters() if p.requires_grad]
-    # Keras >= 2.11 optimizers apply weight_decay decoupled from the gradient: torch's AdamW.
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = make_optimizer(params, args.lr, args.weight_decay, device.kind)
     # Keras ReduceLROnPlateau compares with an absolute min_delta of 1e-4.
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=args.lr_factor, patience=args.lr_patience,
@@ -616,13 +723,14 @@ def fit(args, model, device, data, resume, rank: int = 0, world: int = 1) -> tup
             print("that run had stopped early; nothing more to train")
             return best, history
     fallback = CpuFallbackNotice(device.kind)
+    bn_watch = BatchNormWatch(model, device.kind)
     for epoch in range(start, args.epochs):
         seed_epoch(args.seed + 1_000 * rank, epoch)  # own dropout masks per process
         sampler.set_epoch(epoch)
         started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         train = gather_epoch(train_one_epoch(net, train_loader, optimizer, scaler, device, args,
-                                             epoch, fallback), world)
+                                             epoch, fallback, bn_watch), world)
         val = validate(model, val_loader, device, args, epoch)
         threshold = choose_threshold(val["labels"], val["scores"], args.threshold_rule)
         row = epoch_row(epoch, lr, train, val, threshold, time.perf_counter() - started)

@@ -130,6 +130,59 @@ def test_loss_is_keras_weighted_smoothed_bce():
     assert loss.item() == pytest.approx(sum(expected) / 3, rel=1e-6)  # / batch size, as Keras
 
 
+def test_loss_matches_torch_bce_with_logits_at_extreme_logits():
+    # Keras's formula written out (no log_sigmoid, which DirectML lacks): stable where a naive
+    # log(sigmoid) is not, and its gradient is sigmoid(x) - t.
+    logits = torch.tensor([-120.0, -30.0, -1e-3, 1e-3, 4.0, 30.0, 120.0], requires_grad=True)
+    labels = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0])
+    loss = train_script.crbl_loss(logits, labels, 0.125)
+    targets = labels * 0.875 + 0.0625
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()
+    torch.testing.assert_close(logits.grad, (torch.sigmoid(logits.detach()) - targets) / 7,
+                               rtol=1e-6, atol=1e-9)
+
+
+def test_adamw_without_lerp_equals_torch_adamw():
+    """DirectML's optimiser against torch.optim.AdamW on the CPU: same updates within float
+    rounding over steps with changing gradients and a learning-rate change, same state dict."""
+    torch.manual_seed(0)
+    shapes = [(64, 3, 3, 3), (64,), (1, 4096)]
+    ours = [torch.randn(s, requires_grad=True) for s in shapes]
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    start = [p.detach().clone() for p in ours]
+    opt = train_script.make_optimizer(ours, 1e-3, 1e-2, "dml")
+    ref_opt = train_script.make_optimizer(ref, 1e-3, 1e-2, "cpu")
+    assert type(opt).__name__ == "AdamWWithoutLerp" and type(ref_opt) is torch.optim.AdamW
+    for step in range(12):
+        if step == 6:
+            for o in (opt, ref_opt):
+                o.param_groups[0]["lr"] = 5e-4  # as ReduceLROnPlateau does
+        for p, q in zip(ours, ref):
+            g = torch.randn(p.shape) * (10.0 ** (step % 3 - 4))  # tiny to ordinary gradients
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref_opt.step()
+    for p, q, p0 in zip(ours, ref, start):
+        assert (p - p0).abs().mean() > 1e-3  # the weights moved (~lr a step)
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)  # float rounding
+    state, ref_state = opt.state_dict(), ref_opt.state_dict()
+    assert state["param_groups"] == ref_state["param_groups"]
+    for i in range(len(shapes)):
+        assert set(state["state"][i]) == set(ref_state["state"][i]) == {"step", "exp_avg", "exp_avg_sq"}
+        assert state["state"][i]["step"].item() == ref_state["state"][i]["step"].item() == 12
+        torch.testing.assert_close(state["state"][i]["exp_avg_sq"], ref_state["state"][i]["exp_avg_sq"])
+    # A run resumes on another device: each optimiser loads the other's state.
+    opt.load_state_dict(ref_state)
+    ref_opt.load_state_dict(state)
+
+
+def test_read_once_returns_every_tensor_from_one_copy():
+    loss, scores = train_script.read_once(torch.tensor(2.5), torch.tensor([[0.1], [0.9]]))
+    assert loss.tolist() == [2.5] and scores.tolist() == pytest.approx([0.1, 0.9])
+
+
 def test_threshold_rules():
     labels, scores = [0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]
     # best F1 cuts at 0.35 (tp 2, fp 1): the midpoint to the next lower score, 0.1
