@@ -27,6 +27,7 @@ probabilities are compared as a check that both sides compute the same thing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -83,8 +84,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--compile", action="store_true",
                    help="also time CRBL with torch.compile'd backbones, as inference --compile "
                         "(CPU/CUDA; a minute of compiling per size and batch)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="the inference script's --workers in the end-to-end runs (default: its "
+                        "own choice, none on a small CPU)")
+    g.add_argument("--busy", type=int, default=0, metavar="N",
+                   help="N processes busy-looping on the CPU during the measurement, as on a "
+                        "machine that is not idle")
     g = p.add_argument_group("output")
     g.add_argument("--json", default="benchmark_CRBL.json", help="where to write all results")
+    g.add_argument("--markdown", metavar="PATH", default=None,
+                   help="also write the results as a Markdown table with the machine, the date "
+                        "and this command (the README's performance table)")
     p.add_argument("--worker", choices=["torch", "keras"], help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -106,6 +116,8 @@ def check_args(args) -> None:
                         "runs float32: leave --amp out")
     if args.weights and not Path(args.weights).is_file():
         raise CRBLError(f"--weights {args.weights}: no such file")
+    if args.busy < 0 or (args.workers is not None and args.workers < 0):
+        raise CRBLError("--busy and --workers must be >= 0")
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,25 +163,32 @@ def peak_rss_mb() -> float | None:
 
 
 class TorchWorker:
+    """The PyTorch side, through the scripts' own functions: the inference runner
+    (prepare_for_inference), the inference script's run, the training script's step."""
+
     def __init__(self, args):
         import torch
-        from model_pytorch_directml import CRBLError, fold_batchnorm, get_device
+        from model_pytorch_directml import CRBLError, get_device
         self.torch, self.args = torch, args
         torch.set_num_threads(args.threads)
         self.device = get_device(args.device)
-        if args.amp and self.device.kind not in ("cuda", "rocm"):
+        if args.amp and not self.device.cuda_like:
             raise CRBLError(f"--amp needs a CUDA/ROCm GPU; --device {args.device} gave {self.device}")
         self.amp = args.amp
         self.size, self.batch, self.workdir = args.size, args.batch, Path(args.workdir)
-        self.model = self._model()
-        fold_batchnorm(self.model)  # as the inference script runs it; training loads its own
+        self.checkpoint = Path(self.args.model_dir) / "crbl.pth"
+        self.runner = self._runner(fp16=args.amp)
+        self.runner_fp32 = self._runner() if args.amp else self.runner
         self.x = self._tensor(batch_images(self.size, self.batch))
         self.compiled = None
 
-    def _model(self):
+    def _runner(self, **options):
+        """The checkpoint prepared as the inference script prepares it."""
+        from fast_paths_pytorch_directml import prepare_for_inference
         from model_pytorch_directml import load_model
-        self.checkpoint = Path(self.args.model_dir) / "crbl.pth"
-        return load_model(self.checkpoint, self.device.device)  # as the scripts do
+        model = load_model(self.checkpoint, self.device.device)
+        return prepare_for_inference(model, self.device, batch_size=self.batch,
+                                     threads=self.args.threads, **options)
 
     def _tensor(self, images: np.ndarray):
         x = self.torch.from_numpy(images).permute(0, 3, 1, 2).to(self.device.device)
@@ -178,63 +197,59 @@ class TorchWorker:
 
     def ready(self) -> dict:
         import torch
-        from model_pytorch_directml import keep_freed_memory
+        from fast_paths_pytorch_directml import keep_freed_memory
         return {"device": str(self.device), "torch": torch.__version__, "amp": self.amp,
-                "threads": torch.get_num_threads(), "channels_last": self.model.channels_last,
-                # get_device("cpu") set it; asking again only reports whether it took
+                "threads": torch.get_num_threads(), "plan": str(self.runner.plan),
+                "channels_last": self.runner.model.channels_last,
+                # the runner set it; asking again only reports whether it took
                 "keep_freed_memory": keep_freed_memory() if self.device.kind == "cpu" else None}
 
     @property
     def fused_head(self) -> bool | None:
-        """Whether the forwards so far ran the numba head (it loads at first use, where it applies)."""
-        import model_pytorch_directml as mp
-        return bool(mp._fused_head) if self.device.kind == "cpu" else None
+        """Whether the runner's plan runs the numba head (CPU only)."""
+        return self.runner.plan.head == "numba" if self.device.kind == "cpu" else None
 
     @property
     def peak_gpu_mb(self) -> float | None:
         """CUDA/ROCm memory high-water mark of this process (tensors, not the CUDA context)."""
         cuda = self.torch.cuda
-        return cuda.max_memory_allocated(self.device.device) / 2**20 if self.device.kind in (
-            "cuda", "rocm") else None
-
-    def autocast(self, enabled: bool = True):
-        """float16 autocast for --amp; CRBLModel keeps its bilinear head in float32 itself."""
-        return self.torch.autocast("cuda", dtype=self.torch.float16, enabled=self.amp and enabled)
+        return cuda.max_memory_allocated(self.device.device) / 2**20 if self.device.cuda_like \
+            else None
 
     def sync(self, t) -> None:
         t.flatten()[0].item()  # waits for the device queue (CUDA, DirectML); no-op on CPU
 
     def run(self, what: str):
-        torch, m = self.torch, self.model
+        torch, runner = self.torch, self.runner
         if what == "train":
             return self.train_step()
-        with torch.inference_mode(), self.autocast(what not in ("forward_fp32", "probs")):
-            if what in ("forward", "forward_fp32"):
-                self.sync(m(self.x))
+        with torch.inference_mode():
+            if what == "forward":
+                self.sync(runner(self.x))
+            elif what == "forward_fp32":
+                self.sync(self.runner_fp32(self.x))
             elif what == "backbones":  # the practical limit: both backbones, as CRBL runs them
-                self.sync(m.features(self.x)[1])  # (one twin network on small CPU batches)
+                self.sync(runner.features(self.x)[1])  # (one twin network on small CPU batches)
             elif what == "compiled":
-                self.sync(self.compiled_model()(self.x))
+                self.sync(self.compiled_runner()(self.x))
             elif what == "forward_n":
                 for chunk in self.e2e_tensors():
-                    self.sync(m(chunk))
+                    self.sync(runner(chunk))
             elif what == "e2e":
                 return self.end_to_end(self.e2e_files(), self.args.e2e_images)
             elif what == "e2e_one_batch":  # start-up and first-batch latency
                 return self.end_to_end(self.workdir / "one_batch", self.batch)
             elif what in ("probs", "probs_amp"):
-                return torch.sigmoid(m(self.x).float()).flatten().tolist()
+                chosen = runner if what == "probs_amp" else self.runner_fp32
+                return torch.sigmoid(chosen(self.x)).flatten().tolist()
             else:
                 raise ValueError(what)
 
-    def compiled_model(self):
-        """A copy with compiled backbones, as inference --compile runs it; the first call
-        compiles (the warm-up rounds pay for it)."""
+    def compiled_runner(self):
+        """The checkpoint prepared as inference --compile prepares it; the first call compiles
+        (the warm-up rounds pay for it)."""
         if self.compiled is None:
-            import copy
-            from model_pytorch_directml import compile_for_inference
-            self.compiled = copy.deepcopy(self.model)
-            compile_for_inference(self.compiled, self.device.kind)
+            self.compiled = self._runner(fp16=self.amp, compile=True)
         return self.compiled
 
     def e2e_files(self) -> Path:
@@ -266,52 +281,35 @@ class TorchWorker:
         whose time varies by ~0.1 s from run to run."""
         import inference_CRBL_pytorch_directml as inference
         output = self.workdir / "predictions.csv"
-        score_to_csv, loop = inference.score_to_csv, []
-
-        def timed_score_to_csv(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return score_to_csv(*args, **kwargs)
-            finally:
-                loop.append(time.perf_counter() - start)
-
-        inference.score_to_csv = timed_score_to_csv
-        try:
-            code = inference.main(["--weights", str(self.checkpoint), "--input", str(folder),
-                                   "--output", str(output), "--device", self.args.device,
-                                   "--batch-size", str(self.batch), "--no-progress"]
-                                  + (["--fp16"] if self.amp else []))
-        finally:
-            inference.score_to_csv = score_to_csv
-        if code != 0:
-            raise RuntimeError(f"inference script exited with {code}")
+        args = inference.parse_args(
+            ["--weights", str(self.checkpoint), "--input", str(folder), "--output", str(output),
+             "--device", self.args.device, "--batch-size", str(self.batch), "--no-progress"]
+            + (["--fp16"] if self.amp else []) + (["--workers", str(self.args.workers)]
+                                                 if self.args.workers is not None else []))
+        result = inference.run(args)
+        if result.exit_code != 0:
+            raise RuntimeError(f"inference script exited with {result.exit_code}")
         rows = len(output.read_text(encoding="utf-8-sig").splitlines()) - 1  # minus the header
         if rows != expected_images:  # the images/s figures assume exactly this many
             raise RuntimeError(f"the inference script scored {rows} images, expected {expected_images}")
-        return loop[0]
+        return result.scoring_seconds
 
     def train_step(self) -> None:
         torch = self.torch
+        import train_CRBL_pytorch_directml as train
         if not hasattr(self, "optimizer"):
-            from model_pytorch_directml import freeze_backbones
-            from train_CRBL_pytorch_directml import class_weights_from_prior, crbl_loss
-            self.train_model = self._model()
+            from model_pytorch_directml import freeze_backbones, load_model
+            self.train_model = train.prepare_for_training(load_model(self.checkpoint), self.device)
             freeze_backbones(self.train_model, "crop")
             self.train_model.train()
+            # The training script's defaults: AdamW 1e-4 / 1e-6, smoothing 0.125, c0 = 0.88.
             params = [p for p in self.train_model.parameters() if p.requires_grad]
-            # The training script's optimiser and loss: AdamW 1e-4 / 1e-6, weighted smoothed BCE.
-            self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-6)
-            weights = class_weights_from_prior(0.88)
-            self.loss = lambda logits, y: crbl_loss(logits, y, 0.125, weights)
+            self.optimizer = train.make_optimizer(params, 1e-4, 1e-6, self.device.kind)
+            self.weights = train.class_weights_from_prior(0.88)
             self.labels = (torch.arange(self.batch) % 2).float().to(self.device.device)
-            self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)  # as the training script
-        self.optimizer.zero_grad(set_to_none=True)
-        with self.autocast():
-            logits = self.train_model(self.x)
-        loss = self.loss(logits.float(), self.labels)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+            self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        _, loss = train.train_step(self.train_model, self.x, self.labels, self.optimizer,
+                                   self.scaler, self.device, self.amp, 0.125, self.weights)
         self.sync(loss)
 
 
@@ -422,7 +420,8 @@ class Worker:
                    "--size", str(size), "--batch", str(batch), "--workdir", str(workdir),
                    "--model-dir", str(workdir.parent),
                    "--device", args.device, "--threads", str(args.threads),
-                   "--e2e-images", str(e2e_images)] + (["--amp"] if args.amp else [])
+                   "--e2e-images", str(e2e_images)] + (["--amp"] if args.amp else []) \
+            + (["--workers", str(args.workers)] if args.workers is not None else [])
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log, text=True, env=env, cwd=ROOT)
         self.info = self.ask(None)
@@ -699,12 +698,13 @@ def main(argv=None) -> int:
     try:
         check_args(args)
         report = {"command": "python benchmark_CRBL.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                  "date": time.strftime("%Y-%m-%d"),
                   "machine": machine(), "load_average_before": load_average(), "notes": [],
                   "settings": {k: v for k, v in vars(args).items()
                                if k not in ("worker", "size", "batch", "workdir", "model_dir")},
                   "targets": {k: f"{op} {bound}" for k, (op, bound) in TARGETS.items()}, "results": []}
         started = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="crbl-bench-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="crbl-bench-") as tmp, busy_processes(args.busy):
             for size in args.sizes:
                 make_model_files(size, Path(tmp) / f"{size}px", args, report["notes"])
                 for batch in args.batch_sizes:
@@ -726,7 +726,32 @@ def main(argv=None) -> int:
         print(f"note: {note}")
     print(table(report["results"]))
     print(f"wrote {args.json}")
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(report), encoding="utf-8")
+        print(f"wrote {args.markdown}")
     return 0
+
+
+@contextlib.contextmanager
+def busy_processes(n: int):
+    """n processes spinning in a Python loop until the block ends: a machine that is not idle."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def markdown(report: dict) -> str:
+    """The results as the README shows them: what ran where and when, then the table."""
+    m, settings = report["machine"], report["settings"]
+    busy = f", {settings['busy']} busy-looping processes beside it" if settings["busy"] else ""
+    return (f"Measured {report['date']} on {m['cpu']} ({m['logical_cpus']} logical CPUs, "
+            f"{m['platform']}), Python {m['python']}, torch {report['results'][0]['torch_info']['torch']}"
+            f", {settings['threads']} threads{busy}:\n`{report['command']}`\n\n"
+            + table(report["results"]) + "\n")
 
 
 if __name__ == "__main__":

@@ -13,19 +13,25 @@ Keras-3 legacy .h5. Backbones may be qubvel `efficientnet` or keras.applications
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
+import inspect
 import json
+import os
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from model_pytorch_directml import (IMAGENET_STD, MODEL_TYPE_THRESHOLDS, NUM_FEATURES,
                                     WEIGHTED_KERAS_CLASSES, CRBLConfig, CRBLError, CRBLModel,
-                                    export_onnx, keras_layer_table, load_model,
-                                    require_onnxruntime, save_checkpoint)
+                                    keras_layer_table, load_model, save_checkpoint)
 
 # Variables of each weighted Keras layer class, in `trainable + non_trainable` creation order.
 KERAS_VARS = {
@@ -415,6 +421,95 @@ def convert(src, dst, image_size: int | None = None, input_scale: str = "auto",
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
+
+# --------------------------------------------------------------------------------------------
+# ONNX export (--export-onnx)
+# --------------------------------------------------------------------------------------------
+
+ONNX_TOLERANCE = 1e-4  # max |Δprob| between onnxruntime and PyTorch accepted after an export
+
+
+class _OnnxCRBL(nn.Module):
+    """The model's plain forward (the reference head: no custom autograd, no numpy), returning
+    logits and probabilities, (N,1) each."""
+
+    def __init__(self, model: CRBLModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(images)
+        return logits, torch.sigmoid(logits)
+
+
+def _smooth_images(n: int, size: int, seed: int) -> torch.Tensor:
+    """Random smooth RGB images in [0,1] for the export check. Not pixel noise: far from what a
+    model was trained on, it drove a test model's features to 2e4, where float32 rounding alone
+    moved probabilities by 1e-3 (float64 PyTorch disagreed with float32 PyTorch as much as
+    onnxruntime did), so the check would fail on good exports."""
+    coarse = torch.rand(n, 3, 6, 6, generator=torch.Generator().manual_seed(seed))
+    return F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def require_onnxruntime():
+    """The onnxruntime module, or a CRBLError saying how to install it (an optional extra)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise CRBLError("ONNX export needs onnxruntime to verify the file: pip install onnxruntime "
+                        "(or onnxruntime-directml on Windows); it is an optional extra, not in "
+                        "requirements_directml.txt") from None
+    return onnxruntime
+
+
+def export_onnx(model: CRBLModel, path: str | os.PathLike, opset: int = 17,
+                image_size: int | None = None, batch_sizes: tuple[int, ...] = (1, 3)) -> dict:
+    """Write model as ONNX (input `images` (N,3,S,S) RGB in [0,1]; outputs `logits`, `probs`;
+    N dynamic) and check it with onnxruntime on CPU against PyTorch at `batch_sizes`.
+
+    The file appears only after it passed (max |Δprob| <= ONNX_TOLERANCE). Returns a report.
+    Uses the TorchScript exporter (dynamo=False): it needs no onnxscript and works on torch
+    2.4.1, the version torch-directml pins.
+    """
+    ort = require_onnxruntime()
+    size = int(image_size or model.config.image_size)
+    # A CPU float32 NCHW copy: the caller's model (device, layout, mode) stays as it was.
+    # eval() on the wrapper too: the exporter restores the wrapper's mode afterwards, recursively,
+    # and a fresh Module is in training mode (BatchNorm on batch statistics, dropout on).
+    wrapper = _OnnxCRBL(copy.deepcopy(model).cpu().float().set_channels_last(False)).eval()
+    example = _smooth_images(2, size, seed=0)
+    kwargs = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # legacy-exporter deprecation and tracer notices
+            torch.onnx.export(wrapper, (example,), str(tmp), opset_version=opset,
+                              input_names=["images"], output_names=["logits", "probs"],
+                              dynamic_axes={k: {0: "batch"} for k in ("images", "logits", "probs")},
+                              **kwargs)
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        max_diff = 0.0
+        for n in batch_sizes:
+            x = _smooth_images(n, size, seed=n)
+            with torch.no_grad():
+                expected = torch.sigmoid(wrapper.model(x)).numpy()
+            got = session.run(["probs"], {"images": x.numpy()})[0]
+            if got.shape != expected.shape:
+                raise CRBLError(f"ONNX export check failed: batch {n} gave shape {got.shape}, "
+                                f"expected {expected.shape}")
+            max_diff = max(max_diff, float(abs(got - expected).max()))
+        if max_diff > ONNX_TOLERANCE:
+            raise CRBLError(f"ONNX export check failed: onnxruntime differs from PyTorch by "
+                            f"{max_diff:.2e} (> {ONNX_TOLERANCE:g}) in probability; not written")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"path": str(path), "opset": opset, "image_size": size, "batch_sizes": list(batch_sizes),
+            "max_abs_prob_diff": max_diff, "onnxruntime": ort.__version__,
+            "bytes": path.stat().st_size}
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, get_worker_info
 
-from model_pytorch_directml import CRBLError, thread_pool
+from fast_paths_pytorch_directml import thread_pool
+from model_pytorch_directml import CRBLError
 
 # What a folder scan picks up (case-insensitive). Extensions of image formats Pillow cannot
 # decode are listed too, so such files get an error row instead of silently vanishing.

@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,8 +28,8 @@ from torch.utils.data import DataLoader
 from dataset_pytorch_directml import (IMAGE_EXTENSIONS, Sample, TestDataset, auto_workers,
                                       compute_metrics, read_manifest, save_metric_plots,
                                       scan_folder, worker_init)
-from model_pytorch_directml import (MODEL_TYPE_THRESHOLDS, CRBLError, compile_for_inference,
-                                    fold_batchnorm, get_device, load_model,
+from fast_paths_pytorch_directml import prepare_for_inference
+from model_pytorch_directml import (MODEL_TYPE_THRESHOLDS, CRBLError, get_device, load_model,
                                     resolve_threshold)
 
 OUTPUT_COLUMNS = ("image_path", "score", "prediction", "label", "error")
@@ -109,49 +110,14 @@ def collect_samples(args) -> list[Sample]:
     return samples
 
 
-def prepare_model(model, device, fp16: bool) -> str | None:
-    """BatchNorm folded into the convolutions, then half precision where the device has it;
-    returns the half-precision mode used, if any. (load_model already chose the memory layout:
-    channels_last except on DirectML.)"""
-    fold_batchnorm(model)
-    if not fp16:
-        return None
-    if device.kind in ("cuda", "rocm"):
-        return "autocast"
-    if device.kind == "dml":
-        # torch-directml has no autocast: store the backbones (and input buffers) in float16.
-        for module in (model.backbone1, model.backbone2):
-            module.half()
-        model.input_mean, model.input_std = model.input_mean.half(), model.input_std.half()
-        return "half"
-    print("note: --fp16 ignored on CPU (no float16 speed-up there); running float32")
-    return None
-
-
-def forward_logits(model, x: torch.Tensor, half_mode: str | None, pad_to: int = 0) -> torch.Tensor:
-    """Logits of x. pad_to: compiled backbones have one batch shape, so a short batch (the last
-    one, or one with unreadable images) is padded with black images whose rows are dropped.
-    Samples never mix: eval-mode BatchNorm and the bilinear pooling work per sample."""
-    n = len(x)
-    if n < pad_to:
-        x = torch.cat([x, x.new_zeros((pad_to - n, *x.shape[1:]))])
-    if half_mode == "half":
-        x = x.half()
-    # CRBLModel runs its bilinear head in float32 whatever the backbones ran in.
-    with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=half_mode == "autocast"):
-        return model(x)[:n]
-
-
-def compile_model(model, device, half_mode: str | None, batch_size: int) -> None:
+def compile_now(runner, device, batch_size: int) -> None:
     """--compile: compile now, on a black batch of batch_size (every forward is then padded to
     it), so a missing compiler stops before any output."""
-    compile_for_inference(model, device.kind)
-    size = model.config.image_size
+    size = runner.model.config.image_size
     start = time.perf_counter()
     try:
         with torch.inference_mode():
-            forward_logits(model, torch.zeros(batch_size, 3, size, size, device=device.device),
-                           half_mode)
+            runner(torch.zeros(batch_size, 3, size, size, device=device.device))
     except Exception as exc:  # inductor: no C++ compiler, no Triton, unsupported op...
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CRBLError(f"--compile failed on {device.kind} ({type(exc).__name__}: {reason}); "
@@ -173,7 +139,7 @@ def make_loader(samples, image_size: int, args, device) -> DataLoader:
         fetch *= math.ceil(max(DECODE_AHEAD, torch.get_num_threads()) / args.batch_size)
     return DataLoader(TestDataset(samples, image_size), batch_size=fetch, shuffle=False,
                       num_workers=workers, worker_init_fn=worker_init if workers else None,
-                      pin_memory=device.kind in ("cuda", "rocm"))
+                      pin_memory=device.cuda_like)
 
 
 def model_batches(loader: DataLoader, batch_size: int):
@@ -185,8 +151,7 @@ def model_batches(loader: DataLoader, batch_size: int):
             yield images[start:end], indices[start:end], errors[start:end]
 
 
-def score_to_csv(model, samples, args, device, half_mode, threshold, pad_to: int = 0
-                 ) -> tuple[list[float | None], list[str]]:
+def score_to_csv(runner, samples, args, device, threshold) -> tuple[list[float | None], list[str]]:
     """Score every sample, appending its CSV row batch by batch; returns scores (None where
     the image failed) and error reasons."""
     from tqdm import tqdm
@@ -194,8 +159,7 @@ def score_to_csv(model, samples, args, device, half_mode, threshold, pad_to: int
     errors: list[str] = [""] * len(samples)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    loader = make_loader(samples, model.config.image_size, args, device)
-    non_blocking = device.kind in ("cuda", "rocm")
+    loader = make_loader(samples, runner.model.config.image_size, args, device)
     with open(output, "w", newline="", encoding="utf-8-sig") as f, \
             tqdm(total=len(samples), unit="img", disable=args.no_progress, file=sys.stderr) as bar, \
             torch.inference_mode():
@@ -204,9 +168,8 @@ def score_to_csv(model, samples, args, device, half_mode, threshold, pad_to: int
         for images, indices, batch_errors in model_batches(loader, args.batch_size):
             good = [i for i, err in enumerate(batch_errors) if not err]
             if good:
-                x = images[good].to(device.device, non_blocking=non_blocking)
-                logits = forward_logits(model, x, half_mode, pad_to)
-                probs = torch.sigmoid(logits.float()).flatten().cpu()
+                x = images[good].to(device.device, non_blocking=device.cuda_like)
+                probs = torch.sigmoid(runner(x)).flatten().cpu()  # one read per batch
                 for i, p in zip(good, probs.tolist()):
                     scores[int(indices[i])] = p
             for index, err in zip(indices.tolist(), batch_errors):
@@ -265,8 +228,14 @@ def summarize(samples, scores, errors, threshold, threshold_source, seconds, arg
     return 1 if failed and args.strict else 0
 
 
-def main(argv=None, auto_order: tuple[str, ...] = ("dml", "cuda", "cpu")) -> int:
-    args = parse_args(argv)
+@dataclass
+class Run:
+    exit_code: int
+    scoring_seconds: float | None = None  # the scoring loop: decoding, forwards, CSV rows
+
+
+def run(args, auto_order: tuple[str, ...] = ("dml", "cuda", "cpu")) -> Run:
+    """The script's steps for parsed arguments (main's; the benchmark times the loop here)."""
     try:
         check_args(args)
         device = get_device(args.device, auto_order)
@@ -274,23 +243,31 @@ def main(argv=None, auto_order: tuple[str, ...] = ("dml", "cuda", "cpu")) -> int
         model = load_model(args.weights, device.device)
         threshold, threshold_source = resolve_threshold(args.threshold, model.meta, args.model_type)
         samples = collect_samples(args)
-        half_mode = prepare_model(model, device, args.fp16)
-        pad_to = min(args.batch_size, len(samples)) if args.compile else 0
+        if args.fp16 and device.kind == "cpu":
+            print("note: --fp16 ignored on CPU (no float16 speed-up there); running float32")
+        batch = min(args.batch_size, len(samples))
+        runner = prepare_for_inference(model, device, fp16=args.fp16, batch_size=batch,
+                                       compile=args.compile)
         if args.compile:
-            compile_model(model, device, half_mode, pad_to)
+            compile_now(runner, device, batch)
         print(f"device {device}; {len(samples)} images at {model.config.image_size} px; "
-              f"threshold {threshold:g} ({threshold_source})")
+              f"threshold {threshold:g} ({threshold_source}); {runner.plan}")
         start = time.perf_counter()
-        scores, errors = score_to_csv(model, samples, args, device, half_mode, threshold, pad_to)
+        scores, errors = score_to_csv(runner, samples, args, device, threshold)
         seconds = time.perf_counter() - start
         report_metrics(samples, scores, threshold, threshold_source, args)
-        return summarize(samples, scores, errors, threshold, threshold_source, seconds, args)
+        return Run(summarize(samples, scores, errors, threshold, threshold_source, seconds, args),
+                   seconds)
     except CRBLError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return Run(2)
     except KeyboardInterrupt:
         print(f"interrupted: the rows finished so far are in {args.output}", file=sys.stderr)
-        return 130
+        return Run(130)
+
+
+def main(argv=None, auto_order: tuple[str, ...] = ("dml", "cuda", "cpu")) -> int:
+    return run(parse_args(argv), auto_order).exit_code
 
 
 if __name__ == "__main__":

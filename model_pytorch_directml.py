@@ -9,26 +9,23 @@ The one model module every script imports. It reproduces the original Keras mode
       -> bilinear pooling: phi = A·Bᵀ/(h·w), sign·sqrt(|phi|+1e-12), L2 normalise -> z (N,1280²)
       -> Dropout(0.5) -> Linear(1280², 1) -> logit
 
-Also here: the Keras-layer <-> timm-module table (used by the converter and the freezing
-helper), get_device (DirectML > CUDA/ROCm > CPU) and checkpoint save/load.
+Read top-down: constants, the Keras-layer <-> timm-module table (the converter and freezing use
+it), the config, EfficientNet-B0, bilinear pooling (the reference formula), CRBLModel, freezing,
+get_device (DirectML > CUDA/ROCm > CPU), checkpoints. How training saves memory lives in
+train_memory_pytorch_directml.py, how inference runs fast in fast_paths_pytorch_directml.py.
 """
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import dataclasses
-import itertools
 import math
 import os
 import pickle
-import sys
 import tempfile
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -256,7 +253,7 @@ def _eager_cpu_inference(x: torch.Tensor) -> bool:
     """A CPU tensor with autograd off and no graph capture: where the in-place and border-only
     shortcuts below apply (autograd needs the out-of-place ops, also where only a later layer
     trains; ONNX and compile their graphs)."""
-    return x.device.type == "cpu" and not (torch.is_grad_enabled() or _capturing_graph())
+    return x.device.type == "cpu" and not (torch.is_grad_enabled() or capturing_graph())
 
 
 def _zero_border(x: torch.Tensor, left: int, right: int, top: int, bottom: int) -> torch.Tensor:
@@ -289,10 +286,10 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
 
 class SqueezeExcite(nn.Module):
-    def __init__(self, channels: int, reduced: int, groups: int = 1):
+    def __init__(self, channels: int, reduced: int):
         super().__init__()
-        self.conv_reduce = nn.Conv2d(channels, reduced, 1, groups=groups)
-        self.conv_expand = nn.Conv2d(reduced, channels, 1, groups=groups)
+        self.conv_reduce = nn.Conv2d(channels, reduced, 1)
+        self.conv_expand = nn.Conv2d(reduced, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = F.silu(self.conv_reduce(x.mean((2, 3), keepdim=True)), inplace=True)
@@ -302,10 +299,7 @@ class SqueezeExcite(nn.Module):
 
 
 class _Block(nn.Module):
-    """The residual connection (with drop path) where a block keeps its shape.
-
-    The blocks (and EfficientNetB0) take `twins`: 2 builds both CRBL backbones as one network,
-    each layer with twice the channels in two groups (see _twin_backbones); 1 is the model."""
+    """The residual connection (with drop path) where a block keeps its shape."""
 
     def __init__(self, in_chs: int, out_chs: int, stride: int, drop_path_rate: float):
         super().__init__()
@@ -320,15 +314,11 @@ class DepthwiseSeparableConv(_Block):
     """Stage 1 (expand ratio 1): depthwise conv, BN, SiLU, SE, pointwise conv, BN."""
     CONV_BN_PAIRS = (("conv_dw", "bn1"), ("conv_pw", "bn2"))
 
-    def __init__(self, in_chs: int, out_chs: int, kernel: int, stride: int, drop_path_rate: float,
-                 twins: int = 1):
+    def __init__(self, in_chs: int, out_chs: int, kernel: int, stride: int, drop_path_rate: float):
         super().__init__(in_chs, out_chs, stride, drop_path_rate)
-        t = twins
-        self.conv_dw = Conv2dSame(t * in_chs, t * in_chs, kernel, stride, groups=t * in_chs)
-        self.bn1 = _bn(t * in_chs)
-        self.se = SqueezeExcite(t * in_chs, t * (in_chs // 4), groups=t)
-        self.conv_pw = nn.Conv2d(t * in_chs, t * out_chs, 1, bias=False, groups=t)
-        self.bn2 = _bn(t * out_chs)
+        self.conv_dw, self.bn1 = Conv2dSame(in_chs, in_chs, kernel, stride, groups=in_chs), _bn(in_chs)
+        self.se = SqueezeExcite(in_chs, in_chs // 4)
+        self.conv_pw, self.bn2 = nn.Conv2d(in_chs, out_chs, 1, bias=False), _bn(out_chs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.bn2(self.conv_pw(self.se(F.silu(self.bn1(self.conv_dw(x)), inplace=True))))
@@ -340,16 +330,13 @@ class InvertedResidual(_Block):
     CONV_BN_PAIRS = (("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3"))
 
     def __init__(self, in_chs: int, out_chs: int, kernel: int, stride: int, expand: int,
-                 drop_path_rate: float, twins: int = 1):
+                 drop_path_rate: float):
         super().__init__(in_chs, out_chs, stride, drop_path_rate)
-        t, mid = twins, in_chs * expand
-        self.conv_pw = nn.Conv2d(t * in_chs, t * mid, 1, bias=False, groups=t)
-        self.bn1 = _bn(t * mid)
-        self.conv_dw = Conv2dSame(t * mid, t * mid, kernel, stride, groups=t * mid)
-        self.bn2 = _bn(t * mid)
-        self.se = SqueezeExcite(t * mid, t * (in_chs // 4), groups=t)
-        self.conv_pwl = nn.Conv2d(t * mid, t * out_chs, 1, bias=False, groups=t)
-        self.bn3 = _bn(t * out_chs)
+        mid = in_chs * expand
+        self.conv_pw, self.bn1 = nn.Conv2d(in_chs, mid, 1, bias=False), _bn(mid)
+        self.conv_dw, self.bn2 = Conv2dSame(mid, mid, kernel, stride, groups=mid), _bn(mid)
+        self.se = SqueezeExcite(mid, in_chs // 4)
+        self.conv_pwl, self.bn3 = nn.Conv2d(mid, out_chs, 1, bias=False), _bn(out_chs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.silu(self.bn1(self.conv_pw(x)), inplace=True)
@@ -363,10 +350,10 @@ class EfficientNetB0(nn.Module):
     blocks.<stage>.<block>.*, conv_head, bn2)."""
     CONV_BN_PAIRS = (("conv_stem", "bn1"), ("conv_head", "bn2"))
 
-    def __init__(self, drop_path_rate: float = 0.0, twins: int = 1):
+    def __init__(self, drop_path_rate: float = 0.0):
         super().__init__()
-        self.conv_stem = Conv2dSame(3, twins * B0_STEM, 3, 2)  # twins share the input image
-        self.bn1 = _bn(twins * B0_STEM)
+        self.conv_stem = Conv2dSame(3, B0_STEM, 3, 2)
+        self.bn1 = _bn(B0_STEM)
         total = sum(stage[4] for stage in B0_STAGES)
         in_chs, index, stages = B0_STEM, 0, []
         for expand, kernel, stride, out_chs, repeats in B0_STAGES:
@@ -375,13 +362,13 @@ class EfficientNetB0(nn.Module):
                 # timm/Keras: the rate grows linearly with the block's index over all 16 blocks
                 rate, s = drop_path_rate * index / total, stride if j == 0 else 1
                 blocks.append(
-                    DepthwiseSeparableConv(in_chs, out_chs, kernel, s, rate, twins) if expand == 1
-                    else InvertedResidual(in_chs, out_chs, kernel, s, expand, rate, twins))
+                    DepthwiseSeparableConv(in_chs, out_chs, kernel, s, rate) if expand == 1
+                    else InvertedResidual(in_chs, out_chs, kernel, s, expand, rate))
                 in_chs, index = out_chs, index + 1
             stages.append(nn.Sequential(*blocks))
         self.blocks = nn.Sequential(*stages)
-        self.conv_head = nn.Conv2d(twins * in_chs, twins * NUM_FEATURES, 1, bias=False, groups=twins)
-        self.bn2 = _bn(twins * NUM_FEATURES)
+        self.conv_head = nn.Conv2d(in_chs, NUM_FEATURES, 1, bias=False)
+        self.bn2 = _bn(NUM_FEATURES)
         if not self.conv_stem.weight.is_meta:  # meta: weights come from a checkpoint (and
             self._init_weights()               # normal_ on meta imports ~900 modules, +115 MB)
 
@@ -427,7 +414,7 @@ class EfficientNetB0(nn.Module):
         """How many of forward's parts (stem, the 7 stages, head), from the input on, hold no
         parameter that requires a gradient; 0 without autograd, for an input that needs its
         gradient (saliency maps), and while a graph is captured (tracing, compiling, ONNX)."""
-        if not torch.is_grad_enabled() or x.requires_grad or _capturing_graph():
+        if not torch.is_grad_enabled() or x.requires_grad or capturing_graph():
             return 0
         parts = self._parts()
         for count, (_, modules) in enumerate(parts):
@@ -498,319 +485,24 @@ class EfficientNetB0FeatureExtractor(nn.Module):
 # Bilinear pooling
 # --------------------------------------------------------------------------------------------
 
-def _chunk(total: int, per_item: int, device: torch.device) -> int:
-    """Items per chunk. CPU: about 2 MB of floats, math that stays in cache. GPU: about 128 MB,
-    few large kernels (2 MB chunks meant ~2,500 tiny launches per batch of 128 and a bilinear
-    head 4x slower than the two backbones on an H200).
-
-    Buffers are allocated once per call and reused: on CPU every fresh large tensor costs page
-    faults (a 32×1280² float tensor ~150 ms to touch), more than the arithmetic itself.
-    """
+def rows_per_chunk(total: int, per_item: int, device: torch.device) -> int:
+    """Items per chunk of work on phi (1280² floats an image): about 2 MB on the CPU, math that
+    stays in cache; about 128 MB on a GPU, few large kernels instead of thousands of tiny ones.
+    Callers allocate a chunk's buffers once and reuse them: on the CPU every fresh large tensor
+    costs page faults, more than the arithmetic itself."""
     budget = 1 << 19 if device.type == "cpu" else 1 << 25
     return max(1, min(total, budget // max(1, per_item)))
 
 
-def _signed_sqrt_(chunk: torch.Tensor, sign: torch.Tensor, eps: float) -> torch.Tensor:
-    """chunk := sign(chunk)·sqrt(|chunk| + eps) in place; returns Σ(|chunk| + eps) per row (= Σy²)."""
-    torch.sign(chunk, out=sign)
-    chunk.abs_().add_(eps)
-    sq_norm = chunk.sum(dim=tuple(range(1, chunk.dim())))
-    chunk.sqrt_().mul_(sign)
-    return sq_norm
-
-
-def _chunk_terms(phi: torch.Tensor, w: torch.Tensor, eps: float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ w·sign(phi)·sqrt(|phi|+eps), Σ(|phi|+eps)) per sample of a (N, rows, C) chunk, in plain
-    ops: torch.compile fuses them into one pass over phi (eager would build 3 temporaries)."""
-    magnitude = phi.abs() + eps
-    dot = (torch.sign(phi) * torch.sqrt(magnitude) * w).sum((1, 2))
-    return dot, magnitude.sum((1, 2))
-
-
-def _by_position(features: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) maps as (N, H·W, C), C-contiguous: a view of channels_last maps, else a copy."""
-    n, c, h, w = features.shape
-    return features.permute(0, 2, 3, 1).reshape(n, h * w, c).contiguous()
-
-
-def _opted_out(env: str) -> bool:
-    """Whether an on-by-default CPU speed setting (CRBL_FUSED_HEAD, CRBL_KEEP_FREED_MEMORY) is
-    turned off with ENV=0."""
-    return os.environ.get(env, "1") == "0"
-
-
-def _capturing_graph() -> bool:
-    """torch.jit tracing, or dynamo/torch.compile/export: the eager-only CPU paths (a second
-    thread, numpy views for numba) must stay out of a captured graph."""
+def capturing_graph() -> bool:
+    """torch.jit tracing, or dynamo/torch.compile/export: eager-only shortcuts (in-place ops,
+    numpy views, a second thread) must stay out of a captured graph."""
     return torch.jit.is_tracing() or torch.compiler.is_compiling()
 
 
-def _bilinear_terms(a, b, w, scale, eps, dot, sq, r_lo, r_hi):
-    """dot[s] = Σ w·sign(phi)·sqrt(|phi|+eps) and sq[s] = Σ(|phi|+eps) over rows [r_lo, r_hi) of
-    phi = scale·Aᵀ·B per sample, A = a[s] and B = b[s] of float32 (N, H·W, C) features
-    (channels_last maps are this layout already), w the (C, C) head weight; phi itself is never
-    stored.
-
-    Numba compiles it (fused_head_kernel): four rows of phi at a time, built in a buffer that
-    stays in the L1 cache from four positions per pass (each load of B serves 16 products),
-    then summed in the same pass that reads them. On one core of a 2-core CPU it took 0.50 ms
-    per image at 128 px (1.05 at 224 px) where torch's batched matrix product into 2 MB chunks
-    plus a one-pass kernel over them took 0.60 (1.40) on two. Rows are summed in float32, like
-    the eager head's chunk sums; rows add up in float64 (dot, sq)."""
-    n, k = a.shape[:2]
-    c2 = b.shape[2]
-    zero = np.float32(0.0)
-    rows = np.empty((4, c2), dtype=np.float32)
-    k4 = k - k % 4
-    for s in range(n):
-        dot_s = 0.0
-        sq_s = 0.0
-        for i in range(r_lo, r_hi, 4):
-            m = min(4, r_hi - i)
-            for r in range(4):
-                for j in range(c2):
-                    rows[r, j] = zero
-            for p in range(0, k4, 4):
-                if m == 4:
-                    x00 = a[s, p, i] * scale; x01 = a[s, p + 1, i] * scale
-                    x02 = a[s, p + 2, i] * scale; x03 = a[s, p + 3, i] * scale
-                    x10 = a[s, p, i + 1] * scale; x11 = a[s, p + 1, i + 1] * scale
-                    x12 = a[s, p + 2, i + 1] * scale; x13 = a[s, p + 3, i + 1] * scale
-                    x20 = a[s, p, i + 2] * scale; x21 = a[s, p + 1, i + 2] * scale
-                    x22 = a[s, p + 2, i + 2] * scale; x23 = a[s, p + 3, i + 2] * scale
-                    x30 = a[s, p, i + 3] * scale; x31 = a[s, p + 1, i + 3] * scale
-                    x32 = a[s, p + 2, i + 3] * scale; x33 = a[s, p + 3, i + 3] * scale
-                    for j in range(c2):
-                        v0 = b[s, p, j]
-                        v1 = b[s, p + 1, j]
-                        v2 = b[s, p + 2, j]
-                        v3 = b[s, p + 3, j]
-                        rows[0, j] += x00 * v0 + x01 * v1 + x02 * v2 + x03 * v3
-                        rows[1, j] += x10 * v0 + x11 * v1 + x12 * v2 + x13 * v3
-                        rows[2, j] += x20 * v0 + x21 * v1 + x22 * v2 + x23 * v3
-                        rows[3, j] += x30 * v0 + x31 * v1 + x32 * v2 + x33 * v3
-                else:  # the last rows where C is not a multiple of 4
-                    for r in range(m):
-                        for q in range(p, p + 4):
-                            x = a[s, q, i + r] * scale
-                            for j in range(c2):
-                                rows[r, j] += x * b[s, q, j]
-            for q in range(k4, k):  # positions left over after the groups of four
-                for r in range(m):
-                    x = a[s, q, i + r] * scale
-                    for j in range(c2):
-                        rows[r, j] += x * b[s, q, j]
-            for r in range(m):
-                row_dot = zero
-                row_sq = zero
-                for j in range(c2):
-                    v = rows[r, j]
-                    magnitude = abs(v) + eps
-                    row_sq += magnitude
-                    y = math.sqrt(magnitude)
-                    row_dot += w[i + r, j] * (y if v > 0 else (-y if v < 0 else zero))  # TF's sign(0) = 0
-                dot_s += row_dot
-                sq_s += row_sq
-        dot[s] = dot_s
-        sq[s] = sq_s
-
-
-FUSED_HEAD_ENV = "CRBL_FUSED_HEAD"
-# Where the fused kernel pays, as measured: up to 2 torch threads (it runs on at most two). On a
-# 16-core machine torch's own element-wise ops caught up with the older one-pass kernel (the
-# matrix product still torch's) at 4 threads and were faster from 8.
-FUSED_HEAD_MAX_THREADS = 2
-_fused_head: Any = None  # numba's compiled _bilinear_terms once built; False: not available
-
-
-def fused_head_kernel():
-    """The CPU inference head's fused kernel (`_bilinear_terms` compiled by numba), or None where
-    numba is not installed, cannot load or compile (a warning says why) or CRBL_FUSED_HEAD=0.
-
-    Measured on 2 CPU cores (one process, alternating): 0.50 ms per image at 128 px batch 32
-    against 0.60 for torch's matrix product plus the older one-pass kernel, 0.55 against 1.5 at
-    batch 1 (where torch's eager ops ran), 1.05 against 1.4 at 224 px batch 32. Compiled once
-    per machine (~1 s) and cached beside this file or in the user's cache folder (compiled per
-    process where neither is writable). Loading numba and LLVM costs a process ~100 MB of
-    resident memory. A thread that asks while another compiles gets None (torch ops).
-    """
-    global _fused_head
-    if _opted_out(FUSED_HEAD_ENV):
-        return None
-    if _fused_head is None:
-        _fused_head = False
-        try:
-            import numba
-        except ModuleNotFoundError as exc:
-            if exc.name != "numba":  # numba is there, something it needs is not
-                _fused_head_failed("import numba", exc)
-            return None
-        except Exception as exc:  # installed but broken: built for another numpy, llvmlite, ...
-            _fused_head_failed("import numba", exc)
-            return None
-        signature = ("void(float32[:, :, ::1], float32[:, :, ::1], float32[:, ::1], float32, float32, "
-                     "float64[::1], float64[::1], int64, int64)")
-        # reassoc/contract: SIMD sums and FMA; no "fast" math: sqrt, NaN and inf stay exact
-        options = dict(fastmath={"reassoc", "contract", "nsz"}, nogil=True, boundscheck=False)
-        try:
-            try:
-                _fused_head = numba.njit(signature, cache=True, **options)(_bilinear_terms)
-            except RuntimeError as exc:  # "cannot cache ...": no writable cache folder
-                if "cache" not in str(exc):
-                    raise
-                _fused_head = numba.njit(signature, **options)(_bilinear_terms)
-        except Exception as exc:  # a broken llvmlite, no target machine, ...
-            _fused_head_failed(f"numba {numba.__version__} compiling it", exc)
-    return _fused_head or None
-
-
-FUSED_HEAD_ROWS = 128  # phi rows per call of the kernel: the share a thread takes at a time
-
-
-def _fused_terms(kernel, a: np.ndarray, b: np.ndarray, w: np.ndarray, scale: float, eps: float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ w·y, Σy²) per sample from the fused kernel, on this thread and, with 2 torch threads,
-    on the second one too: each takes the next FUSED_HEAD_ROWS rows until none are left.
-
-    Taking shares as they go, not halves: for ~8-10 ms after the backbones' last parallel op,
-    torch's OpenMP worker still spins on one of the two cores, so the threads run at unequal
-    speed (on 2 cores with that spinner 0.41-0.51 ms per image at 128 px against 0.52-0.82 on
-    one thread, 0.8 against 1.2-1.4 at 224 px). Each share's sums have their own slot, added in
-    row order: the logits do not depend on which thread ran what."""
-    n, c = len(a), a.shape[2]
-    shares = -(-c // FUSED_HEAD_ROWS)
-    parts = np.zeros((shares, 2, n))
-    take = itertools.count().__next__  # atomic under the GIL
-    scale, eps = np.float32(scale), np.float32(eps)
-
-    def work() -> None:
-        for i in iter(take, None):
-            if i >= shares:
-                return
-            r = i * FUSED_HEAD_ROWS
-            kernel(a, b, w, scale, eps, parts[i, 0], parts[i, 1], r, min(c, r + FUSED_HEAD_ROWS))
-
-    helper = _second_thread().submit(work) if torch.get_num_threads() > 1 and shares > 1 else None
-    try:
-        work()
-    finally:
-        if helper is not None and not helper.cancel():  # not started (busy elsewhere): all done here
-            helper.result()
-    dot, sq_norm = parts.sum(axis=0)
-    return torch.from_numpy(dot), torch.from_numpy(sq_norm)
-
-
-def _fused_head_failed(step: str, exc: Exception) -> None:
-    warnings.warn(f"fused CPU head unavailable, the eager one runs instead: {step} failed "
-                  f"({type(exc).__name__}: {exc}); set {FUSED_HEAD_ENV}=0 to skip it",
-                  RuntimeWarning, stacklevel=3)
-
-
-class _SignedSqrtL2Normalize(torch.autograd.Function):
-    """z = l2_normalize(sign(phi) * sqrt(|phi| + eps)) per sample, computed in place on phi
-    (N, ...), flattened per sample inside.
-
-    Saves only z and the norm: autograd's version keeps phi, |phi|, sqrt, sign, y and y² alive
-    (six N×1280² tensors, ~1.3 GB at batch 32) where this keeps one. phi must be a tensor of its
-    own, not a view (a reshape): in place on a view, autograd copies the whole gradient through
-    CopySlices (0.7 s per batch of 32 on 2 CPU cores).
-    """
-
-    @staticmethod
-    def forward(ctx, phi_nd: torch.Tensor, eps: float, l2_eps: float) -> torch.Tensor:
-        phi = phi_nd.view(len(phi_nd), -1)
-        n, d = phi.shape
-        step = _chunk(n, d, phi.device)
-        sign = phi.new_empty(step, d)
-        sq_norm = phi.new_empty(n)
-        for i in range(0, n, step):
-            k = min(step, n - i)
-            sq_norm[i:i + k] = _signed_sqrt_(phi[i:i + k], sign[:k], eps)
-        norm = sq_norm.clamp_min_(l2_eps).sqrt_()
-        phi.div_(norm[:, None])
-        ctx.mark_dirty(phi_nd)
-        ctx.save_for_backward(phi_nd, norm)
-        return phi_nd
-
-    @staticmethod
-    def backward(ctx, grad_nd: torch.Tensor):
-        z_nd, norm = ctx.saved_tensors
-        z, grad = z_nd.view(len(z_nd), -1), grad_nd.reshape(len(z_nd), -1)
-        # dz/dy = (I - z zᵀ)/‖y‖ ; dy/dphi = 1/(2|y|), |y| = |z|·‖y‖  =>
-        # dphi = (g - z (z·g)) / (2‖y‖²|z|), and 0 where phi == 0 (TF's gradient of sign there).
-        n, d = z.shape
-        dphi = torch.empty_like(z)
-        step = _chunk(n, d, z.device)
-        tmp = z.new_empty(step, d)
-        for i in range(0, n, step):
-            k = min(step, n - i)
-            zc, gc, out, t = z[i:i + k], grad[i:i + k], dphi[i:i + k], tmp[:k]
-            zg = torch.mul(zc, gc, out=t).sum(dim=1, keepdim=True)
-            torch.mul(zc, zg, out=out)
-            torch.sub(gc, out, out=out)
-            torch.abs(zc, out=t).mul_(2 * norm[i:i + k, None] ** 2)
-            out.div_(t).masked_fill_(t == 0, 0.0)
-        return dphi.view_as(z_nd), None, None
-
-
-def _keep_mask(n: int, d: int, p: float, device: torch.device) -> torch.Tensor:
-    """Dropout's keep mask (N, D) as uint8 0/1, each entry 1 with probability 1 - p. uint8, not
-    bool: converting bool to float is ~10x slower on CPU. For p = 0.5 on CPU: 8 random bits per
-    random byte (torch's dropout of a 32×1280² batch takes ~1.1 s on 2 CPU cores, this ~0.1 s)."""
-    if p == 0.5 and device.type == "cpu":
-        random_bytes = torch.randint(0, 256, (n, (d + 7) // 8), dtype=torch.uint8)
-        bits = torch.arange(8, dtype=torch.uint8)
-        return (random_bytes[:, :, None] >> bits).bitwise_and_(1).view(n, -1)[:, :d]
-    return (torch.rand(n, d, device=device) >= p).to(torch.uint8)
-
-
-class _DropoutLinear1(torch.autograd.Function):
-    """Linear(D -> 1)(Dropout(p)(z)) for training. nn.Dropout + nn.Linear keep a dropped-out
-    float copy of z for Linear's backward (210 MB at batch 32); this keeps only the uint8 mask
-    (52 MB) and uses element-wise/gemv math where Linear's backward runs a k=1 matrix product."""
-
-    @staticmethod
-    def forward(ctx, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, p: float
-                ) -> torch.Tensor:
-        n, d = z.shape
-        keep = _keep_mask(n, d, p, z.device)
-        scale = 1.0 / (1.0 - p)
-        w_col = weight.reshape(-1, 1)  # mm with a column: torch-directml has no addmv (mv)
-        logits = z.new_empty(n, 1)
-        step = _chunk(n, d, z.device)
-        buf = z.new_empty(step, d)
-        for i in range(0, n, step):
-            k = min(step, n - i)
-            torch.mm(buf[:k].copy_(keep[i:i + k]).mul_(z[i:i + k]), w_col, out=logits[i:i + k])
-        ctx.save_for_backward(z, weight, keep)
-        ctx.scale, ctx.bias_shape = scale, bias.shape
-        return logits * scale + bias
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        z, weight, keep = ctx.saved_tensors
-        n, d = z.shape
-        g = grad.reshape(n) * ctx.scale
-        w = weight.reshape(-1)
-        grad_z = torch.empty_like(z) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
-        step = _chunk(n, d, z.device)
-        buf = z.new_empty(step, d)
-        for i in range(0, n, step):
-            k = min(step, n - i)
-            mask = buf[:k].copy_(keep[i:i + k])  # one float copy of the mask serves both grads
-            if grad_z is not None:
-                torch.mul(mask, w, out=grad_z[i:i + k]).mul_(g[i:i + k, None])
-            if grad_w is not None:
-                grad_w += g[i:i + k] @ mask.mul_(z[i:i + k])
-        if grad_w is not None:
-            grad_w = grad_w.view_as(weight)
-        return grad_z, grad_w, grad.sum(0).reshape(ctx.bias_shape), None
-
-
 class BilinearPooling(nn.Module):
-    """The Keras Lambda of the original CRBL, batch-safe, per sample:
+    """The Keras Lambda of the original CRBL, per sample, in plain ops: the reference that every
+    faster implementation (training's in fast memory, inference's without phi) is tested against.
 
     phi = Aᵀ·B / (H·W) with A, B reshaped to (H·W, C); flattened row-major (index i·C + j, i over
     backbone-1 channels); y = sign(phi)·sqrt(|phi| + eps); z = y / sqrt(max(Σy², l2_eps)).
@@ -819,79 +511,19 @@ class BilinearPooling(nn.Module):
     def __init__(self, eps: float = 1e-12, l2_eps: float = 1e-12):
         super().__init__()
         self.eps, self.l2_eps = eps, l2_eps
-        self.compiled_terms = None  # torch.compile(_chunk_terms), set by compile_for_inference
 
     @staticmethod
     def outer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """phi as (N, C, C): a tensor of its own, which the normalisation works on in place."""
-        n, c, h, w = a.shape
-        # (N,C,HW) @ (N,HW,C): one matmul per sample, never mixing samples across the batch.
-        phi = torch.bmm(a.reshape(n, c, h * w), b.reshape(n, b.shape[1], h * w).transpose(1, 2))
+        """phi as (N, C, C), a tensor of its own. One matrix product per sample: never (N·H·W, C),
+        which would mix samples across the batch. -1 keeps the batch axis dynamic in ONNX."""
+        c, h, w = a.shape[1:]
+        phi = torch.bmm(a.reshape(-1, c, h * w), b.reshape(-1, b.shape[1], h * w).transpose(1, 2))
         return phi.div_(h * w)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        z = _SignedSqrtL2Normalize.apply(self.outer(a, b), self.eps, self.l2_eps)
-        return z.reshape(len(z), -1)
-
-    @torch.no_grad()
-    def linear(self, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor,
-               bias: torch.Tensor) -> torch.Tensor:
-        """`Linear(forward(a, b))` without building z or phi: the fused CPU kernel where it
-        applies (_fused_terms), else chunks of phi rows that stay in cache (_chunked_terms).
-
-        logit = (Σ w·sign(phi)·sqrt(|phi|+eps)) / sqrt(max(Σ(|phi|+eps), l2_eps)) + bias.
-        Inference only (no autograd); equals the unfused path to float32 rounding.
-        """
-        n, c, h, w = a.shape
-        w_mat = weight.reshape(c, b.shape[1])
-        kernel = self._fused_kernel(a, b, w_mat)
-        if kernel is not None:
-            dot, sq_norm = _fused_terms(kernel, _by_position(a).numpy(), _by_position(b).numpy(),
-                                        w_mat.detach().contiguous().numpy(), 1 / (h * w), self.eps)
-        else:
-            dot, sq_norm = self._chunked_terms(a, b, w_mat)
-        logits = dot / sq_norm.clamp_min(self.l2_eps).sqrt()
-        return logits.to(a.dtype)[:, None] + bias
-
-    def _chunked_terms(self, a: torch.Tensor, b: torch.Tensor, w_mat: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Σ w·y, Σy²) per sample in torch ops: phi rows in chunks that stay in cache (GPU, no
-        numba, --compile's fused chunk math)."""
-        n, c, h, w = a.shape
-        a = a.reshape(n, c, h * w)
-        # 1/(H·W) folded into the small B matrix: one pass less over the N×C² products.
-        bt = b.reshape(n, b.shape[1], h * w).transpose(1, 2).div(h * w).contiguous()
-        c2 = bt.shape[2]
-        dot, sq_norm = a.new_zeros(n), a.new_zeros(n)
-        rows = _chunk(c, n * c2, a.device)
-        buf = a.new_empty(n, rows, c2)
-        sign = a.new_empty(n, rows, c2) if self.compiled_terms is None else None
-        for r in range(0, c, rows):
-            k = min(rows, c - r)
-            phi = buf if k == rows else buf[:, :k].contiguous()
-            # a contiguous copy of the row slice: MKL's batched GEMM is ~5x slower on the strided view
-            torch.bmm(a[:, r:r + k].contiguous(), bt, out=phi)
-            if self.compiled_terms is not None:
-                chunk_dot, chunk_sq = self.compiled_terms(phi, w_mat[None, r:r + k], self.eps)
-                dot += chunk_dot
-                sq_norm += chunk_sq
-                continue
-            sq_norm += _signed_sqrt_(phi, sign if k == rows else sign[:, :k].contiguous(), self.eps)
-            # A matrix product with a (k·C, 1) column, not `@` a vector: the vector form is
-            # addmv, which torch-directml lacks (a CPU round trip per chunk); mm is native there.
-            dot += torch.mm(phi.reshape(n, -1), w_mat[r:r + k].reshape(-1, 1)).view(n)
-        return dot, sq_norm
-
-    def _fused_kernel(self, a: torch.Tensor, b: torch.Tensor, w_mat: torch.Tensor):
-        """fused_head_kernel() where it applies and pays: float32 plain tensors on the CPU, at most
-        FUSED_HEAD_MAX_THREADS threads; not torch.compile'd (its own fused chunk math wins
-        there), not while tracing or exporting."""
-        if (a.device.type != "cpu" or not a.dtype == b.dtype == w_mat.dtype == torch.float32
-                or type(a) is not torch.Tensor  # FakeTensor, functorch wrappers: no .numpy()
-                or torch.get_num_threads() > FUSED_HEAD_MAX_THREADS
-                or self.compiled_terms is not None or _capturing_graph()):
-            return None
-        return fused_head_kernel()
+        phi = self.outer(a, b).flatten(1)
+        y = torch.sign(phi) * torch.sqrt(phi.abs() + self.eps)
+        return y / torch.sqrt(torch.clamp((y * y).sum(1, keepdim=True), min=self.l2_eps))
 
 
 # --------------------------------------------------------------------------------------------
@@ -902,7 +534,9 @@ class CRBLModel(nn.Module):
     """Two EfficientNetB0 extractors + bilinear pooling + Dropout + Linear(1280², 1).
 
     `forward` takes RGB floats in [0, 1] (N,3,H,W) and returns logits (N,1);
-    `predict_proba` returns sigmoid probabilities.
+    `predict_proba` returns sigmoid probabilities. This is CRBL written plainly: training swaps
+    in its memory-saving head (train_memory_pytorch_directml.py), inference runs it through
+    fast_paths_pytorch_directml.prepare_for_inference.
     """
 
     def __init__(self, config: CRBLConfig | None = None, pretrained: bool = False,
@@ -920,107 +554,32 @@ class CRBLModel(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(NUM_FEATURES * NUM_FEATURES, 1)
         self.channels_last = False
-        self.batchnorm_folded = False
-        self.parallel_backbones = True  # twin or side by side (see features); off when compiled
-        self.__dict__["_twin"] = None  # not a submodule: no state dict entries (_twin_backbones)
+        self.batchnorm_folded = False  # set by fast_paths_pytorch_directml.fold_batchnorm
         self.meta: dict[str, Any] = {}
 
-    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def normalize_input(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self.input_mean) / self.input_std
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if (self.parallel_backbones and not self.training and not torch.is_grad_enabled()
-                and x.device.type == "cpu" and not _capturing_graph()):
-            if (self._twin is not None and len(x) * x.shape[-2] * x.shape[-1] <= TWIN_MAX_PIXELS
-                    and self._twin_is_current()):
-                y = self._twin(x)
-                return y[:, :NUM_FEATURES], y[:, NUM_FEATURES:]
-            if len(x) <= PARALLEL_BACKBONES_MAX_BATCH and torch.get_num_threads() > 1:
-                return _both_backbones_at_once(self.backbone1, self.backbone2, x)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.normalize_input(x)
         return self.backbone1(x), self.backbone2(x)
-
-    def _twin_is_current(self) -> bool:
-        """Whether the backbones still hold the modules and parameters the twin was joined from,
-        each parameter still its view (~0.3 ms on 2 cores). Not after a backbone, a layer or a
-        parameter was replaced or converted on its own: the backbones then run themselves (a
-        forward never rebuilds the twin: threads may share a model)."""
-        if self._twin is None:
-            return False
-        modules, params = self.__dict__["_twin_sources"]
-        return (all(parent._modules.get(name) is child for parent, name, child in modules)
-                and all(module._parameters.get(name) is p and p.data_ptr() - t.data_ptr() == at
-                        for module, name, p, t, at in params))
-
-    def _rebuild_twin(self) -> None:
-        """Join the folded backbones into the twin again, over their current tensors. Only on
-        the CPU, the one place it runs: on CUDA and DirectML they keep tensors of their own."""
-        on_cpu = self.backbone1.body.conv_stem.weight.device.type == "cpu"
-        twin = (_twin_backbones(self.backbone1.body, self.backbone2.body)
-                if self.batchnorm_folded and on_cpu else None)
-        self.__dict__["_twin"] = twin
-        if twin is not None:
-            self.__dict__["_twin_sources"] = self._twin_links(twin)
-
-    def _twin_links(self, twin: EfficientNetB0) -> tuple[list, list]:
-        """What _twin_is_current checks: every (parent, name, submodule) from this model down
-        through both backbones, and every (module, name, parameter, twin tensor, offset)."""
-        modules, params = [], []
-        for backbone in (self.backbone1, self.backbone2):
-            modules += [(self, n, c) for n, c in self._modules.items() if c is backbone]
-            modules.append((backbone, "body", backbone.body))
-            for prefix, parent in backbone.body.named_modules():
-                modules += [(parent, n, c) for n, c in parent._modules.items()]
-                for name, p in parent._parameters.items():
-                    if p is not None:
-                        t = twin.get_parameter(f"{prefix}.{name}" if prefix else name)
-                        params.append((parent, name, p, t, p.data_ptr() - t.data_ptr()))
-        return modules, params
-
-    def _apply(self, fn, recurse=True):
-        """.to(), .float(), a memory format: new tensors, so a new twin (not when the tensors
-        stayed, as with .to() to where they are or share_memory())."""
-        super()._apply(fn, recurse)
-        if self.batchnorm_folded and not self._twin_is_current():
-            self._rebuild_twin()
-        return self
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_twin"] = None  # a deepcopy or an unpickled model joins its own tensors
-        state.pop("_twin_sources", None)
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        self.__dict__.setdefault("_twin", None)  # a model pickled before the twin existed
-        if self.__dict__.get("batchnorm_folded"):
-            self._rebuild_twin()
-
-    def set_channels_last(self, enabled: bool = True) -> "CRBLModel":
-        """NHWC convolutions: ~1.3-1.5x faster backbones on CPU and CUDA. Not on DirectML,
-        whose convolutions expect NCHW (it falls back to slow copies)."""
-        self.channels_last = enabled
-        return self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.features(x)
         # Bilinear pooling sums 1280² products per image: float16 overflows, so the head always
         # runs in float32, also under --amp autocast or with half-precision backbones (--fp16).
-        if a.is_cuda:
-            with torch.autocast("cuda", enabled=False):
-                return self._logits(a.float(), b.float())
-        return self._logits(a.float(), b.float())
-
-    def _logits(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if not self.training and not torch.is_grad_enabled():
-            return self.pool.linear(a, b, self.head.weight, self.head.bias)
-        z = self.pool(a, b)
-        if self.dropout.training and 0 < self.dropout.p < 1:
-            return _DropoutLinear1.apply(z, self.head.weight, self.head.bias, self.dropout.p)
-        return self.head(self.dropout(z))
+        with autocast(a.device.type, enabled=False):
+            return self.head(self.dropout(self.pool(a.float(), b.float())))
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.forward(x))
+
+    def set_channels_last(self, enabled: bool = True) -> "CRBLModel":
+        """NHWC convolutions: faster backbones on CPU and CUDA. Not on DirectML, whose
+        convolutions expect NCHW (it falls back to slow copies)."""
+        self.channels_last = enabled
+        return self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
 
     def train(self, mode: bool = True) -> "CRBLModel":
         if mode and self.batchnorm_folded:
@@ -1034,136 +593,9 @@ class CRBLModel(nn.Module):
         return self
 
 
-# Small CPU batches: the two backbones side by side, one core each (below).
-PARALLEL_BACKBONES_MAX_BATCH = 4
-_thread_pools: dict[tuple[int, str, int], ThreadPoolExecutor] = {}
-
-
-def thread_pool(name: str, threads: int, initializer=None, initargs: tuple = ()
-                ) -> ThreadPoolExecutor:
-    """This process's `threads` threads named `name`, started once and kept. Keyed by process
-    id: a forked child inherits the parent's pool without its threads but with its idle count,
-    and work handed to it would never run."""
-    key = (os.getpid(), name, threads)
-    if key not in _thread_pools:
-        _thread_pools[key] = ThreadPoolExecutor(threads, thread_name_prefix=name,
-                                                initializer=initializer, initargs=initargs)
-    return _thread_pools[key]
-
-
-def _second_thread() -> ThreadPoolExecutor:
-    return thread_pool("crbl-backbone2", 1, initializer=torch.set_num_threads, initargs=(1,))
-
-
-def _both_backbones_at_once(backbone1: nn.Module, backbone2: nn.Module, x: torch.Tensor
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inference on a small CPU batch: backbone 2 on a second thread while this one runs
-    backbone 1, each single-threaded; the head then gets every thread back.
-
-    At batch 1 an EfficientNet-B0 is ~300 small operations that two threads split poorly. On 2
-    cores one backbone per core made the whole forward 1.06-1.2x faster at batch 1-4 (128 and
-    224 px) and no faster at batch 8, where holding both backbones' activations at once also
-    raised peak memory (+90 MB at 224 px). Same results up to float32 rounding (sums whose
-    order depends on the thread count).
-    """
-    threads = torch.get_num_threads()
-    inference = torch.is_inference_mode_enabled()
-
-    def second() -> torch.Tensor:  # grad and inference mode are per thread
-        with torch.inference_mode(inference), torch.no_grad():
-            return backbone2(x)
-
-    torch.set_num_threads(1)
-    try:
-        pending = _second_thread().submit(second)
-        try:
-            a = backbone1(x)
-        finally:
-            b = pending.result()  # never leave it running with our thread count changed
-    finally:
-        torch.set_num_threads(threads)
-    return a, b
-
-
-def _cpu_f64(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().cpu().double()  # on the CPU: DirectML has no float64
-
-
-def _conv_bn_pairs(model: nn.Module) -> Iterable[tuple[nn.Module, str, str]]:
-    """(module, convolution name, BatchNorm name) for every convolution that feeds a BatchNorm,
-    from the blocks' CONV_BN_PAIRS."""
-    return ((m, conv, bn) for m in model.modules() for conv, bn in getattr(m, "CONV_BN_PAIRS", ()))
-
-
-@torch.no_grad()
-def fold_batchnorm(model: CRBLModel) -> int:
-    """Inference only: fold every eval-mode BatchNorm into the convolution before it, in place
-    (w' = w·γ/√(var+eps), b' = β − mean·γ/√(var+eps), in float64), leaving its activation.
-
-    98 fewer passes over the activations per image: on 2 CPU cores 7% faster at batch 1 and
-    ~22% at batch 8-32, logits equal to ~1e-9. Returns the number of BatchNorms folded. The
-    model can no longer be trained or saved (load the checkpoint again for that).
-    """
-    if model.training:
-        raise CRBLError("fold_batchnorm is for inference: call model.eval() first")
-    folded = 0
-    for module, conv_name, bn_name in _conv_bn_pairs(model):
-        conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
-        if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
-                and bn.track_running_stats and bn.affine):
-            continue
-        scale = _cpu_f64(bn.weight) / torch.sqrt(_cpu_f64(bn.running_var) + bn.eps)
-        shift = _cpu_f64(bn.bias) - _cpu_f64(bn.running_mean) * scale
-        bias = shift if conv.bias is None else _cpu_f64(conv.bias) * scale + shift
-        conv.weight.copy_(_cpu_f64(conv.weight) * scale.view(-1, 1, 1, 1))
-        conv.bias = nn.Parameter(bias.to(conv.weight), requires_grad=False)
-        setattr(module, bn_name, nn.Identity())  # the SiLU after it stays in forward
-        folded += 1
-    model.batchnorm_folded = model.batchnorm_folded or folded > 0
-    if isinstance(model, CRBLModel):
-        model._rebuild_twin()
-    return folded
-
-
-# Small CPU batches of a folded model: both backbones as one network (below), up to this many
-# pixels per channel in a batch (8 images at 128 px).
-TWIN_MAX_PIXELS = 8 * 128 * 128
-
-
-@torch.no_grad()
-def _twin_backbones(body1: EfficientNetB0, body2: EfficientNetB0) -> EfficientNetB0 | None:
-    """Both folded backbones as one EfficientNetB0 of twice the channels: every convolution
-    grouped in two (the depthwise ones per channel anyway), the stem reading the shared image,
-    channels [0, 1280) of the output backbone 1's and the rest backbone 2's.
-
-    Half the operations, each twice as large: on 2 CPU cores at 128 px 0.79x the time of the
-    two backbones side by side at batch 1, ~0.9x at batch 2-8; no gain from ~400k pixels per
-    channel (224 px batch 8, 128 px batch 32) on, hence TWIN_MAX_PIXELS. Equal to the separate
-    backbones up to float32 rounding (a grouped convolution sums in another order).
-    The backbones' own tensors become views of the twin's: one copy of the weights in memory,
-    and an in-place change to either is seen by both. None unless both are fully folded.
-    """
-    def folded(body: EfficientNetB0) -> bool:
-        return all(isinstance(getattr(m, bn), nn.Identity) and getattr(m, conv).bias is not None
-                   for m, conv, bn in _conv_bn_pairs(body))
-
-    if not (folded(body1) and folded(body2)):
-        return None
-    with torch.device("meta"):
-        twin = EfficientNetB0(twins=2)
-        for module, conv_name, bn_name in _conv_bn_pairs(twin):  # folded, as the backbones
-            conv = getattr(module, conv_name)
-            conv.bias = nn.Parameter(torch.empty(conv.out_channels))
-            setattr(module, bn_name, nn.Identity())
-    own1, own2 = body1.state_dict(keep_vars=True), body2.state_dict(keep_vars=True)
-    state = {k: torch.cat([v, own2[k]]) for k, v in own1.items()}  # keeps channels_last
-    twin.load_state_dict(state, strict=True, assign=True)
-    twin.requires_grad_(False).eval()
-    for key, tensor in state.items():
-        half = len(own1[key])
-        own1[key].data, own2[key].data = tensor[:half], tensor[half:]
-    return twin
-
+# --------------------------------------------------------------------------------------------
+# Freezing (Keras layers[:150] of each backbone)
+# --------------------------------------------------------------------------------------------
 
 def frozen_batchnorms(model: nn.Module) -> Iterable[nn.BatchNorm2d]:
     return (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)
@@ -1211,6 +643,20 @@ class DeviceInfo:
     def __str__(self) -> str:
         return f"{self.kind} ({self.device}): {self.name}"
 
+    @property
+    def cuda_like(self) -> bool:
+        """CUDA or ROCm: both run through torch.cuda (autocast, pinned memory, NCCL)."""
+        return self.kind in ("cuda", "rocm")
+
+
+def autocast(device_kind: str, enabled: bool = True):
+    """float16 autocast on CUDA/ROCm (device kind or type "cuda"/"rocm"); a no-op elsewhere:
+    DirectML has no autocast and the CPU gains nothing from float16. enabled=False switches it
+    off for a region inside an autocast one."""
+    if device_kind not in ("cuda", "rocm"):
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.float16, enabled=enabled)
+
 
 def _smoke_test(device: torch.device) -> None:
     # A real op round trip: an installed-but-broken backend fails here, not mid-training.
@@ -1256,36 +702,8 @@ def _cuda(index: int) -> DeviceInfo:
     return DeviceInfo(device, kind, torch.cuda.get_device_name(index))
 
 
-KEEP_FREED_MEMORY_ENV = "CRBL_KEEP_FREED_MEMORY"
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc <malloc.h> mallopt parameters
-
-
-def keep_freed_memory() -> bool:
-    """Linux/glibc: keep freed memory in the process instead of handing it back to the kernel.
-
-    glibc serves large blocks (above a threshold floating between 128 KB and 32 MB) with a fresh
-    mmap() and trims the heap on free(), so every batch's activations land on new pages that the
-    kernel must zero and fault in, 4 KB at a time (1.7 GB of faults per forward at 224 px batch 32;
-    costly, above all in a VM). With mmap off and no trimming, a batch reuses the last one's pages.
-    Measured on 2 cores: forward at 224 px batch 32 1.9-2.1 -> 1.0-1.2 s, training step at 128 px
-    batch 32 2.6-3.0 -> 1.7-2.0 s; batch 1 is unchanged (nothing faults there). The cost: the
-    process keeps its peak heap until it exits, as GPU caching allocators do.
-    CRBL_KEEP_FREED_MEMORY=0 opts out; a preloaded jemalloc or tcmalloc simply ignores it.
-    Returns whether the settings took.
-    """
-    if _opted_out(KEEP_FREED_MEMORY_ENV) or not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # no mallopt: not glibc
-        return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
-
-
 def _cpu(index: int = 0) -> DeviceInfo:
     import platform
-    keep_freed_memory()
     return DeviceInfo(torch.device("cpu"), "cpu", platform.processor() or platform.machine())
 
 
@@ -1435,24 +853,6 @@ def place_model(model: CRBLModel, device: str | torch.device) -> CRBLModel:
     return model.set_channels_last(device.type in ("cpu", "cuda"))
 
 
-def compile_for_inference(model: CRBLModel, device_kind: str) -> None:
-    """torch.compile both backbones and the inference head's per-chunk math, in place, for one
-    fixed input shape (feed full batches).
-
-    Measured on a 2-core CPU, 128 px: the bare backbones run 1.4x faster at batch 1 and 1.7x at
-    batch 32; compiling costs ~55 s per new shape (~8 s from inductor's on-disk cache). Needs a
-    C++ compiler on CPU and Triton on CUDA/ROCm; torch.compile has no DirectML backend. The
-    compilation happens at the first forward: run one before real work to surface errors.
-    """
-    if device_kind == "dml":
-        raise CRBLError("--compile is not available on DirectML (torch.compile has no DirectML "
-                        "backend); leave it out")
-    for backbone in (model.backbone1, model.backbone2):
-        backbone.compile(dynamic=False)
-    model.pool.compiled_terms = torch.compile(_chunk_terms, dynamic=False)
-    model.parallel_backbones = False  # measured as compiled, one after the other
-
-
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> CRBLModel:
     """Rebuild a CRBL model from a checkpoint alone, in eval mode, metadata in `model.meta`."""
     model = model_from_checkpoint(load_checkpoint(path), path)
@@ -1470,103 +870,3 @@ def resolve_threshold(cli_threshold: float | None, meta: dict, model_type: str |
     if meta.get("threshold") is not None:
         return float(meta["threshold"]), f"checkpoint ({meta.get('threshold_source') or 'stored'})"
     return 0.5, "default 0.5"
-
-
-# --------------------------------------------------------------------------------------------
-# ONNX export
-# --------------------------------------------------------------------------------------------
-
-ONNX_TOLERANCE = 1e-4  # max |Δprob| between onnxruntime and PyTorch accepted after an export
-
-
-class _OnnxCRBL(nn.Module):
-    """CRBL inference in plain ops: the fused head's out= buffers and the training head's
-    custom autograd.Function have no ONNX form. Outputs logits and probabilities, (N,1) each."""
-
-    def __init__(self, model: CRBLModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        m = self.model
-        a, b = m.features(images)
-        c, h, w = a.shape[1:]  # static; -1 keeps the batch axis dynamic in the graph
-        phi = torch.bmm(a.reshape(-1, c, h * w), b.reshape(-1, c, h * w).transpose(1, 2))
-        phi = (phi / (h * w)).reshape(-1, c * c)
-        magnitude = phi.abs() + m.pool.eps
-        y = torch.sign(phi) * torch.sqrt(magnitude)  # Σy² = Σ(|phi| + eps): no y*y tensor
-        norm = torch.sqrt(torch.clamp(magnitude.sum(1, keepdim=True), min=m.pool.l2_eps))
-        logits = (y @ m.head.weight.t()) / norm + m.head.bias
-        return logits, torch.sigmoid(logits)
-
-
-def _smooth_images(n: int, size: int, seed: int) -> torch.Tensor:
-    """Random smooth RGB images in [0,1] for the export check. Not pixel noise: far from what a
-    model was trained on, it drove a test model's features to 2e4, where float32 rounding alone
-    moved probabilities by 1e-3 (float64 PyTorch disagreed with float32 PyTorch as much as
-    onnxruntime did), so the check would fail on good exports."""
-    coarse = torch.rand(n, 3, 6, 6, generator=torch.Generator().manual_seed(seed))
-    return F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
-
-
-def require_onnxruntime():
-    """The onnxruntime module, or a CRBLError saying how to install it (an optional extra)."""
-    try:
-        import onnxruntime
-    except ImportError:
-        raise CRBLError("ONNX export needs onnxruntime to verify the file: pip install onnxruntime "
-                        "(or onnxruntime-directml on Windows); it is an optional extra, not in "
-                        "requirements_directml.txt") from None
-    return onnxruntime
-
-
-def export_onnx(model: CRBLModel, path: str | os.PathLike, opset: int = 17,
-                image_size: int | None = None, batch_sizes: tuple[int, ...] = (1, 3)) -> dict:
-    """Write model as ONNX (input `images` (N,3,S,S) RGB in [0,1]; outputs `logits`, `probs`;
-    N dynamic) and check it with onnxruntime on CPU against PyTorch at `batch_sizes`.
-
-    The file appears only after it passed (max |Δprob| <= ONNX_TOLERANCE). Returns a report.
-    Uses the TorchScript exporter (dynamo=False): it needs no onnxscript and works on torch
-    2.4.1, the version torch-directml pins.
-    """
-    import copy
-    import inspect
-    import warnings
-    ort = require_onnxruntime()
-    size = int(image_size or model.config.image_size)
-    # A CPU float32 NCHW copy: the caller's model (device, layout, mode) stays as it was.
-    # eval() on the wrapper too: the exporter restores the wrapper's mode afterwards, recursively,
-    # and a fresh Module is in training mode (BatchNorm on batch statistics, dropout on).
-    wrapper = _OnnxCRBL(copy.deepcopy(model).cpu().float().set_channels_last(False)).eval()
-    example = _smooth_images(2, size, seed=0)
-    kwargs = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # legacy-exporter deprecation and tracer notices
-            torch.onnx.export(wrapper, (example,), str(tmp), opset_version=opset,
-                              input_names=["images"], output_names=["logits", "probs"],
-                              dynamic_axes={k: {0: "batch"} for k in ("images", "logits", "probs")},
-                              **kwargs)
-        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        max_diff = 0.0
-        for n in batch_sizes:
-            x = _smooth_images(n, size, seed=n)
-            with torch.no_grad():  # the model's own (fused) inference path is the reference
-                expected = torch.sigmoid(wrapper.model(x)).numpy()
-            got = session.run(["probs"], {"images": x.numpy()})[0]
-            if got.shape != expected.shape:
-                raise CRBLError(f"ONNX export check failed: batch {n} gave shape {got.shape}, "
-                                f"expected {expected.shape}")
-            max_diff = max(max_diff, float(abs(got - expected).max()))
-        if max_diff > ONNX_TOLERANCE:
-            raise CRBLError(f"ONNX export check failed: onnxruntime differs from PyTorch by "
-                            f"{max_diff:.2e} (> {ONNX_TOLERANCE:g}) in probability; not written")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return {"path": str(path), "opset": opset, "image_size": size, "batch_sizes": list(batch_sizes),
-            "max_abs_prob_diff": max_diff, "onnxruntime": ort.__version__,
-            "bytes": path.stat().st_size}

@@ -532,11 +532,12 @@ def run_crbl(result: Verification, info, image_size: int) -> None:
     during both go to result.fallback_ops."""
     import torch
     from model_pytorch_directml import CRBLConfig, CRBLModel, freeze_backbones
-    from train_CRBL_pytorch_directml import CpuFallbackNotice, crbl_loss, make_optimizer
+    from train_CRBL_pytorch_directml import (CpuFallbackNotice, crbl_loss, make_optimizer,
+                                             prepare_for_training)
     torch.manual_seed(0)
     model = CRBLModel(CRBLConfig(image_size=image_size))
     freeze_backbones(model, "crop")
-    model = model.to(info.device).train()
+    model = prepare_for_training(model, info).train()
     x = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     x, labels = x.to(info.device), torch.tensor([0.0, 1.0]).to(info.device)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], 1e-4, 1e-6,

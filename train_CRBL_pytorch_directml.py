@@ -40,10 +40,12 @@ from dataset_pytorch_directml import (ClassBalancedBatchSampler, TestDataset, Tr
                                       discover_image_folder, make_demo_dataset, preprocess_image,
                                       read_manifest, stratified_split, train_augmentation,
                                       verify_images, worker_init)
+from fast_paths_pytorch_directml import keep_freed_memory, prepare_for_inference
 from model_pytorch_directml import (MODEL_TYPE_THRESHOLDS, PRETRAINED_TAGS, CRBLConfig, CRBLError,
-                                    CRBLModel, find_local_weights, freeze_backbones,
+                                    CRBLModel, autocast, find_local_weights, freeze_backbones,
                                     frozen_batchnorms, get_device, load_checkpoint,
                                     model_from_checkpoint, place_model, save_checkpoint)
+from train_memory_pytorch_directml import use_lean_head
 
 # What --demo changes when the flag is not given, so the whole loop runs in minutes on a 2-core
 # CPU: small images, the head alone on fixed backbones (--model-type full), and no class weights,
@@ -375,10 +377,10 @@ def init_distributed(args, auto_order) -> tuple:
                         "use torchrun with --device cuda (CUDA/ROCm) or --device cpu")
     if args.demo:
         raise CRBLError("--demo runs in one process; start it without torchrun")
-    if device.kind in ("cuda", "rocm"):
+    if device.cuda_like:
         device = get_device(f"cuda:{local_rank}", auto_order)
         torch.cuda.set_device(device.device)
-    dist.init_process_group("nccl" if device.kind in ("cuda", "rocm") else "gloo")
+    dist.init_process_group("nccl" if device.cuda_like else "gloo")
     if rank != 0:  # one voice: only rank 0 prints, shows progress and writes files
         args.no_progress = True
         # Not by replacing builtins.print: libraries check it (numba's import fails on a lambda).
@@ -520,15 +522,18 @@ def directml_version() -> str:
         return "version unknown"
 
 
-def forward_logits(model, x: torch.Tensor, amp: bool) -> torch.Tensor:
-    # CRBLModel keeps its bilinear head in float32 under autocast itself.
-    with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
-        return model(x)
+def prepare_for_training(model: CRBLModel, device) -> CRBLModel:
+    """The model on its device in its fastest memory layout, with training's memory-saving head
+    (train_memory_pytorch_directml). On the CPU glibc keeps freed memory: every step's
+    activations would otherwise land on fresh pages the kernel must fault in."""
+    if device.kind == "cpu":
+        keep_freed_memory()
+    return use_lean_head(place_model(model, device.device))
 
 
 def to_device(x: torch.Tensor, device) -> torch.Tensor:
     # The model converts inputs to its memory layout itself (channels_last except on DirectML).
-    return x.to(device.device, non_blocking=device.kind in ("cuda", "rocm"))
+    return x.to(device.device, non_blocking=device.cuda_like)
 
 
 # --------------------------------------------------------------------------------------------
@@ -550,12 +555,8 @@ def train_one_epoch(model, loader, optimizer, scaler, device, args, epoch, fallb
         labels += targets.int().tolist()  # the loader's CPU tensor
         images, targets = to_device(images, device), to_device(targets, device)
         with fallback():
-            logits = forward_logits(model, images, args.amp).float()
-            loss = crbl_loss(logits, targets, args.label_smoothing, weights)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            logits, loss = train_step(model, images, targets, optimizer, scaler, device,
+                                      args.amp, args.label_smoothing, weights)
         loss_sum = loss_sum + loss.detach() * len(targets)
         logits_seen.append(logits.detach().flatten())
         if step == 1 and bn_watch is not None:
@@ -564,6 +565,19 @@ def train_one_epoch(model, loader, optimizer, scaler, device, args, epoch, fallb
             bar.set_postfix(loss=f"{float(loss_sum) / len(labels):.4f}")
     loss_sum, scores = read_once(loss_sum, torch.sigmoid(torch.cat(logits_seen)))
     return {"loss": loss_sum.item() / len(labels), "labels": labels, "scores": scores.tolist()}
+
+
+def train_step(model, images: torch.Tensor, targets: torch.Tensor, optimizer, scaler, device,
+               amp: bool, smoothing: float, class_weights) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on a batch on the device; returns (logits, loss), still there."""
+    with autocast(device.kind, enabled=amp):  # the head stays float32 itself
+        logits = model(images).float()
+    loss = crbl_loss(logits, targets, smoothing, class_weights)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return logits, loss
 
 
 def read_once(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -578,7 +592,10 @@ def validate(model, loader, device, args, epoch) -> dict:
     only) and scores, computed exactly as the inference script does; logits are read from the
     device once, at the end."""
     from tqdm import tqdm
-    model.eval()
+    # The model's weights keep changing: nothing folded or joined, and its threads kept as they
+    # are (results on the CPU must not depend on what else the machine runs).
+    runner = prepare_for_inference(model, device, fp16=args.amp, batch_size=args.batch_size,
+                                   fold=False, threads=torch.get_num_threads())
     samples = loader.dataset.samples
     labels, logits_seen = [], []
     for images, indices, errors in tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs} val",
@@ -587,7 +604,7 @@ def validate(model, loader, device, args, epoch) -> dict:
         for index, error in zip(indices.tolist(), errors):
             if error:  # every file was decoded before training: it changed since
                 raise CRBLError(f"{samples[index].path}: {error} (the file changed during training)")
-        logits_seen.append(forward_logits(model, to_device(images, device), args.amp).flatten())
+        logits_seen.append(runner(to_device(images, device)).flatten())
         labels += [samples[i].label for i in indices.tolist()]
     logits, = read_once(torch.cat(logits_seen))
     loss = crbl_loss(logits, torch.tensor(labels, dtype=torch.float32), args.label_smoothing)
@@ -681,7 +698,7 @@ def make_loaders(data, args, device, rank: int = 0, world: int = 1
     # Persistent workers: no process start-up per epoch; they hold no epoch state (the sampler
     # runs in this process and sends each draw's augmentation seed).
     common = dict(num_workers=workers, worker_init_fn=worker_init if workers else None,
-                  persistent_workers=workers > 0, pin_memory=device.kind in ("cuda", "rocm"))
+                  persistent_workers=workers > 0, pin_memory=device.cuda_like)
     train_loader = DataLoader(TrainDataset(data["train"], args.image_size, transform),
                               batch_sampler=sampler, **common)
     val_loader = DataLoader(TestDataset(data["val"], args.image_size), batch_size=args.batch_size,
@@ -700,7 +717,7 @@ def fit(args, model, device, data, resume, rank: int = 0, world: int = 1) -> tup
     net = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
-        net = DistributedDataParallel(model, device_ids=[device.device.index] if device.kind in ("cuda", "rocm") else None)
+        net = DistributedDataParallel(model, device_ids=[device.device.index] if device.cuda_like else None)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, args.lr, args.weight_decay, device.kind)
     # Keras ReduceLROnPlateau compares with an absolute min_delta of 1e-4.
@@ -790,13 +807,13 @@ def main(argv=None, auto_order: tuple[str, ...] = ("dml", "cuda", "cpu")) -> int
     try:
         resume = resolve_options(args)
         device, rank, world = init_distributed(args, auto_order)
-        if args.amp and device.kind not in ("cuda", "rocm"):
+        if args.amp and not device.cuda_like:
             print(f"note: --amp ignored on {device.kind} (autocast needs CUDA/ROCm); float32")
             args.amp = False
         demo_init_choice(args)
         data = load_data(args)
         model, freezing = build_model(args, resume)
-        model = place_model(model, device.device)
+        model = prepare_for_training(model, device)
         out_dir = Path(args.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         if args.init == "none" and resume is None:

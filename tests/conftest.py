@@ -43,3 +43,13 @@ def fixture_pngs(converted_fixture, tmp_path):
     for i, img in enumerate(images):
         Image.fromarray(img).save(tmp_path / "imgs" / f"{i}.png")
     return pth, tmp_path / "imgs", probs
+
+
+def chunk_as_on_a_gpu(monkeypatch, module) -> None:
+    """Make `module`'s chunks of phi as large as on a GPU (the whole batch at once) on the CPU,
+    so that path's arithmetic is tested here too."""
+    import torch
+    import model_pytorch_directml as mp
+    chunk = mp.rows_per_chunk
+    monkeypatch.setattr(module, "rows_per_chunk", lambda total, per_item, device:
+                        chunk(total, per_item, torch.device("cuda")))

@@ -36,7 +36,7 @@ import fakedml  # noqa: E402  (loaded by the stub)
 PHASES = {
     "train_CRBL_pytorch_directml": ("calibrate_batchnorm", "train_one_epoch", "validate",
                                     "choose_threshold", "save_checkpoint"),
-    "inference_CRBL_pytorch_directml": ("load_model", "prepare_model", "score_to_csv"),
+    "inference_CRBL_pytorch_directml": ("load_model", "prepare_for_inference", "score_to_csv"),
     "setup_amd_gpu_directml": ("run_crbl",),
 }
 CALLS = collections.Counter()
@@ -102,6 +102,7 @@ def train_step_parity(pth: str, images_npz: str, model_type: str) -> dict:
     import numpy as np
     import model_pytorch_directml as mp
     import train_CRBL_pytorch_directml as train
+    import train_memory_pytorch_directml as tm
     images = torch.from_numpy(np.load(images_npz)["images_uint8"]).permute(0, 3, 1, 2) / 255.0
     labels = torch.tensor([float(i % 2) for i in range(len(images))])
     base = mp.load_model(pth, "cpu")
@@ -114,14 +115,14 @@ def train_step_parity(pth: str, images_npz: str, model_type: str) -> dict:
             g = torch.Generator().manual_seed(len(masks))
             masks[(n, d)] = (torch.rand(n, d, generator=g) >= p).to(torch.uint8)
         return masks[(n, d)].to(device)
-    mp._keep_mask = same_mask
+    tm._keep_mask = same_mask
     result = {}
     for kind, device in (("cpu", torch.device("cpu")), ("dml", torch_directml.device())):
         masks.clear()
         # Both in DirectML's memory layout (NCHW): in channels_last the CPU's sums round
         # differently, and Adam's first steps move a weight by ~lr whatever its gradient's size,
         # so a rounding-level gradient of the other sign moves it the other way.
-        model = copy.deepcopy(base).to(device).train()
+        model = tm.use_lean_head(copy.deepcopy(base).to(device)).train()  # as in training
         optimizer = train.make_optimizer([p for p in model.parameters() if p.requires_grad],
                                          1e-4, 1e-6, kind)
         x, y = images.to(device), labels.to(device)

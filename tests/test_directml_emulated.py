@@ -12,7 +12,6 @@ import csv
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import inference_CRBL_pytorch_directml as inference
+from fast_paths_pytorch_directml import InferenceRunner
 from model_pytorch_directml import CRBLConfig, CRBLModel, save_checkpoint
 
 SIZE = 64  # small model input keeps CPU runs at a few seconds
@@ -93,12 +94,11 @@ def test_compiled_model_matches_keras_with_padded_batches(fixture_pngs, tmp_path
 
 def test_compile_failure_is_one_line_error_before_any_output(checkpoint, tmp_path, monkeypatch,
                                                              capsys):
-    def broken_compile(model, device_kind):
+    def broken_compile(module, *args, **kwargs):  # as torch.compile fails at the first call
         def fail(x):
             raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n(traceback...)")
-        model.backbone1.forward = fail
-        model.parallel_backbones = False  # as compile_for_inference: the compiled backbones run
-    monkeypatch.setattr(inference, "compile_for_inference", broken_compile)
+        module.forward = fail
+    monkeypatch.setattr(torch.nn.Module, "compile", broken_compile)
     write_images(tmp_path / "imgs", ["a.png"])
     out = tmp_path / "preds.csv"
     assert run("--weights", checkpoint, "--input", tmp_path / "imgs", "--output", out, "--compile") == 2
@@ -228,14 +228,14 @@ def test_bad_weights_refused_before_any_image(checkpoint, tmp_path, capsys, monk
 def test_rows_are_written_as_it_goes(checkpoint, tmp_path, monkeypatch, capsys):
     names = [f"{i}.png" for i in range(6)]
     write_images(tmp_path / "imgs", names)
-    real_forward, calls = inference.forward_logits, []
+    real_forward, calls = InferenceRunner.__call__, []
 
-    def interrupted_forward(*args):
+    def interrupted_forward(runner, x):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt  # the user presses Ctrl-C during the third batch
-        return real_forward(*args)
-    monkeypatch.setattr(inference, "forward_logits", interrupted_forward)
+        return real_forward(runner, x)
+    monkeypatch.setattr(InferenceRunner, "__call__", interrupted_forward)
     out = tmp_path / "preds.csv"
     assert run("--weights", checkpoint, "--input", tmp_path / "imgs", "--output", out,
                "--batch-size", 2, "--workers", 0) == 130
@@ -251,17 +251,17 @@ def test_small_batches_are_decoded_ahead_and_scored_as_asked(checkpoint, tmp_pat
     write_images(tmp_path / "imgs", names)
     (tmp_path / "imgs" / "05.png").write_text("not a PNG")  # an error row among decoded-ahead ones
     fetched, forwarded = [], []
-    real_getitems, real_forward = inference.TestDataset.__getitems__, inference.forward_logits
+    real_getitems, real_forward = inference.TestDataset.__getitems__, InferenceRunner.__call__
 
     def getitems(self, indices):
         fetched.append(len(indices))
         return real_getitems(self, indices)
 
-    def forward(model, x, *args):
+    def forward(runner, x):
         forwarded.append(len(x))
-        return real_forward(model, x, *args)
+        return real_forward(runner, x)
     monkeypatch.setattr(inference.TestDataset, "__getitems__", getitems)
-    monkeypatch.setattr(inference, "forward_logits", forward)
+    monkeypatch.setattr(InferenceRunner, "__call__", forward)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -1,4 +1,4 @@
-"""ONNX export (model_pytorch_directml.export_onnx, convert_h5_to_pth.py --export-onnx):
+"""ONNX export (convert_h5_to_pth.export_onnx, convert_h5_to_pth.py --export-onnx):
 onnxruntime on CPU against PyTorch and against the original Keras model, dynamic batch."""
 import sys
 
@@ -9,7 +9,8 @@ import torch
 import convert_h5_to_pth
 import model_pytorch_directml as mp
 from keras_reference import synthetic_images  # numpy only: no TensorFlow in this process
-from model_pytorch_directml import CRBLConfig, CRBLError, CRBLModel, export_onnx, load_model
+from convert_h5_to_pth import export_onnx
+from model_pytorch_directml import CRBLConfig, CRBLError, CRBLModel, load_model
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -70,7 +71,7 @@ def test_export_matches_pytorch_at_any_batch(model, tmp_path):
 
 
 def test_failed_check_writes_nothing(model, tmp_path, monkeypatch):
-    monkeypatch.setattr(mp, "ONNX_TOLERANCE", -1.0)
+    monkeypatch.setattr(convert_h5_to_pth, "ONNX_TOLERANCE", -1.0)
     with pytest.raises(CRBLError, match="ONNX export check failed"):
         export_onnx(model, tmp_path / "bad.onnx")
     assert list(tmp_path.iterdir()) == []
@@ -79,7 +80,7 @@ def test_failed_check_writes_nothing(model, tmp_path, monkeypatch):
 def test_missing_onnxruntime_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import raises ImportError
     with pytest.raises(CRBLError, match="pip install onnxruntime"):
-        mp.require_onnxruntime()
+        convert_h5_to_pth.require_onnxruntime()
     # The converter says so before reading (or writing) anything.
     code = convert_h5_to_pth.main([str(tmp_path / "missing.h5"), str(tmp_path / "out.pth"),
                                    "--export-onnx", str(tmp_path / "out.onnx")])
