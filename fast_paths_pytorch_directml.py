@@ -416,12 +416,10 @@ def fused_terms(kernel, a: np.ndarray, b: np.ndarray, w: np.ndarray, scale: floa
 
 
 def _bilinear_terms(a, b, w, scale, eps, dot, sq, r_lo, r_hi):
-    """dot[s] = Σ w·sign(phi)·sqrt(|phi|+eps) and sq[s] = Σ(|phi|+eps) over rows [r_lo, r_hi) of
-    phi = scale·Aᵀ·B per sample, A = a[s] and B = b[s] of float32 (N, H·W, C) features
-    (channels_last maps are this layout already), w the (C, C) head weight; phi itself is never
-    stored. Four rows of phi at a time are built in a buffer that stays in the L1 cache (each
-    load of B serves 16 products) and summed in the same pass that reads them. Rows are summed
-    in float32, like torch's chunk sums; rows add up in float64 (dot, sq)."""
+    """dot[s] = Σ w·sign(phi)·sqrt(|phi|+eps), sq[s] = Σ(|phi|+eps) over rows [r_lo, r_hi) of
+    phi = scale·Aᵀ·B, A = a[s], B = b[s] float32 (N, H·W, C) (channels_last maps as they are),
+    w the (C, C) head weight. Four rows of phi at a time in an L1-resident buffer (each load of
+    B serves 16 products), summed in the pass that builds them; float32 rows, float64 totals."""
     n, k = a.shape[:2]
     c2 = b.shape[2]
     zero = np.float32(0.0)

@@ -712,7 +712,6 @@ def fit(args, model, device, data, resume, rank: int = 0, world: int = 1) -> tup
     With several processes, every one validates the whole validation set (same weights, same
     scores), so the scheduler and early stopping decide alike everywhere without messages.
     """
-    out_dir = Path(args.output_dir)
     train_loader, val_loader, sampler = make_loaders(data, args, device, rank, world)
     net = model
     if world > 1:
@@ -729,13 +728,7 @@ def fit(args, model, device, data, resume, rank: int = 0, world: int = 1) -> tup
     lower_is_better = BEST_METRICS[args.best_metric]
     history, best, start = [], None, 0
     if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        if resume["scaler"]:  # empty when that run had no --amp
-            scaler.load_state_dict(resume["scaler"])
-        stopper.load_state_dict(resume["early_stopping"])
-        history, best, start = list(resume["history"]), resume["best"], int(resume["epoch"])
-        print(f"resumed {resume['path']} after epoch {start}")
+        history, best, start = restore(resume, optimizer, scheduler, scaler, stopper)
         if resume["stopped_early"]:
             print("that run had stopped early; nothing more to train")
             return best, history
@@ -762,23 +755,43 @@ def fit(args, model, device, data, resume, rank: int = 0, world: int = 1) -> tup
                  "optimizer": to_cpu(optimizer.state_dict()), "scheduler": scheduler.state_dict(),
                  "scaler": scaler.state_dict(), "early_stopping": stopper.state_dict(),
                  "best": best, "stopped_early": stop, "metrics": row}
-        source = f"validation {args.threshold_rule} ({len(val['labels'])} images, epoch {epoch + 1})"
-        save = dict(threshold=threshold, threshold_source=source, model_type=args.model_type,
-                    provenance={"script": Path(__file__).name, "init": args.init,
-                                "data": data["source"]}, **state)
         if rank == 0:
-            save_checkpoint(out_dir / "last.pth", model, **save)
-            if improved:
-                save_checkpoint(out_dir / "best.pth", model, **save)
-                write_val_predictions(data["val"], val, threshold, out_dir)
-            write_history(history, out_dir)
-            plot_curves(history, out_dir)
+            save_epoch(model, state, val, threshold, improved, data, args)
         print(epoch_summary(row, improved))
         if stop:
             print(f"early stopping: val_loss has not improved by {args.min_delta} for "
                   f"{args.early_stop_patience} epochs")
             break
     return best, history
+
+
+def restore(resume: dict, optimizer, scheduler, scaler, stopper) -> tuple[list, dict, int]:
+    """--resume: the optimiser, scheduler, scaler and early stopping as that run left them;
+    returns its history, best epoch and last epoch."""
+    optimizer.load_state_dict(resume["optimizer"])
+    scheduler.load_state_dict(resume["scheduler"])
+    if resume["scaler"]:  # empty when that run had no --amp
+        scaler.load_state_dict(resume["scaler"])
+    stopper.load_state_dict(resume["early_stopping"])
+    print(f"resumed {resume['path']} after epoch {resume['epoch']}")
+    return list(resume["history"]), resume["best"], int(resume["epoch"])
+
+
+def save_epoch(model, state: dict, val: dict, threshold: float, improved: bool, data: dict,
+               args) -> None:
+    """last.pth (and best.pth with its validation scores when the epoch improved), history.csv
+    and curves.png."""
+    out_dir, epoch = Path(args.output_dir), state["epoch"]
+    source = f"validation {args.threshold_rule} ({len(val['labels'])} images, epoch {epoch})"
+    save = dict(threshold=threshold, threshold_source=source, model_type=args.model_type,
+                provenance={"script": Path(__file__).name, "init": args.init,
+                            "data": data["source"]}, **state)
+    save_checkpoint(out_dir / "last.pth", model, **save)
+    if improved:
+        save_checkpoint(out_dir / "best.pth", model, **save)
+        write_val_predictions(data["val"], val, threshold, out_dir)
+    write_history(state["history"], out_dir)
+    plot_curves(state["history"], out_dir)
 
 
 def to_cpu(obj):

@@ -160,8 +160,17 @@ def main():
     np.savez(out / "reference.npz", images_uint8=test_u8, prob=prob, features1=o1, features2=o2,
              bilinear_first65536=zz[:, :65536])
 
-    files = {}
-    if args.flavour == "qubvel":
+    files = save_layouts(model, b1, b2, out, args.flavour)
+    if args.with_b1:  # a CRBL-shaped model on EfficientNetB1 backbones: must be refused
+        save_b1_model(keras, out)
+        files["b1"] = "b1.h5"
+    (out / "files.json").write_text(json.dumps(files))
+    print("spread of probabilities:", prob.ravel().round(3).tolist(), file=sys.stderr)
+
+
+def save_layouts(model, b1, b2, out: Path, flavour: str) -> dict:
+    """The model in every weight-file layout its Keras writes; returns {layout: file name}."""
+    if flavour == "qubvel":
         model.save(str(out / "full.h5"))                      # full model, model_weights/ + config
         # As the original: inner layers renamed model1_/model2_ after building (their variables
         # keep the unprefixed names). Done after model.save, whose config cannot take it.
@@ -175,19 +184,19 @@ def main():
         model.save_weights(str(out / "objgraph.weights.h5"))  # Keras 3: with vars 'name' attrs
         model.save(str(out / "full.h5"))                      # Keras-3 legacy full-model HDF5
         files = {"objgraph": "objgraph.weights.h5", "full": "full.h5"}
-    if args.with_b1:  # a CRBL-shaped model on EfficientNetB1 backbones: must be refused
-        import efficientnet.tfkeras as efn
-        inp1 = keras.layers.Input((64, 64, 3))
-        feats1 = []
-        for k in range(2):
-            b1_model = efn.EfficientNetB1(weights=None, include_top=False, input_shape=(64, 64, 3))
-            b1_model._name = f"EfficientNetB1_{k}"
-            feats1.append(b1_model(inp1))
-        z1 = keras.layers.Lambda(bilinear, name="lambda")(feats1)
-        keras.Model(inp1, keras.layers.Dense(1, activation="sigmoid")(z1)).save_weights(str(out / "b1.h5"))
-        files["b1"] = "b1.h5"
-    (out / "files.json").write_text(json.dumps(files))
-    print("spread of probabilities:", prob.ravel().round(3).tolist(), file=sys.stderr)
+    return files
+
+
+def save_b1_model(keras, out: Path) -> None:
+    import efficientnet.tfkeras as efn
+    inp1 = keras.layers.Input((64, 64, 3))
+    feats1 = []
+    for k in range(2):
+        b1_model = efn.EfficientNetB1(weights=None, include_top=False, input_shape=(64, 64, 3))
+        b1_model._name = f"EfficientNetB1_{k}"
+        feats1.append(b1_model(inp1))
+    z1 = keras.layers.Lambda(bilinear, name="lambda")(feats1)
+    keras.Model(inp1, keras.layers.Dense(1, activation="sigmoid")(z1)).save_weights(str(out / "b1.h5"))
 
 
 if __name__ == "__main__":
