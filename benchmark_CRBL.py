@@ -187,8 +187,8 @@ class TorchWorker:
         from fast_paths_pytorch_directml import prepare_for_inference
         from model_pytorch_directml import load_model
         model = load_model(self.checkpoint, self.device.device)
-        return prepare_for_inference(model, self.device, batch_size=self.batch,
-                                     threads=self.args.threads, **options)
+        # threads as the script chooses them: --threads, less the CPUs other processes keep busy
+        return prepare_for_inference(model, self.device, batch_size=self.batch, **options)
 
     def _tensor(self, images: np.ndarray):
         x = self.torch.from_numpy(images).permute(0, 3, 1, 2).to(self.device.device)
