@@ -35,10 +35,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from dataset_pytorch_directml import (ClassBalancedBatchSampler, TestDataset, TrainDataset,
-                                      auto_workers, check_labelled, compute_metrics,
-                                      discover_image_folder, make_demo_dataset, preprocess_image,
-                                      read_manifest, stratified_split, train_augmentation,
-                                      verify_images, worker_init)
+                                      auto_workers, before_workers_start, check_labelled,
+                                      compute_metrics, discover_image_folder, make_demo_dataset,
+                                      preprocess_image, read_manifest, stratified_split,
+                                      train_augmentation, verify_images, worker_init)
 from model_pytorch_directml import (MODEL_TYPE_THRESHOLDS, PRETRAINED_TAGS, CRBLConfig, CRBLError,
                                     CRBLModel, find_local_weights, freeze_backbones, get_device,
                                     load_checkpoint, model_from_checkpoint, place_model,
@@ -570,6 +570,8 @@ def make_loaders(data, args, device, rank: int = 0, world: int = 1
     sampler = ClassBalancedBatchSampler([s.label for s in data["train"]], args.batch_size,
                                         args.class0_ratio, args.steps_per_epoch or None, args.seed,
                                         rank=rank, world_size=world)
+    if workers:
+        before_workers_start()
     # Persistent workers: no process start-up per epoch; they hold no epoch state (the sampler
     # runs in this process and sends each draw's augmentation seed).
     common = dict(num_workers=workers, worker_init_fn=worker_init if workers else None,
