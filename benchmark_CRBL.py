@@ -38,7 +38,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+from setup_amd_gpu_directml import exit_missing_module
+
+try:
+    import numpy as np
+except ModuleNotFoundError as exc:  # a Python without the requirements, e.g. outside the venv
+    exit_missing_module(exc)
 
 # No torch import at the top: the Keras worker runs this file, and TensorFlow and torch in one
 # process can crash. Parent and PyTorch worker import the model module where they need it.
@@ -54,11 +59,13 @@ TARGETS = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    # Not the model module's HelpFormatter: the Keras worker parses these too, without torch.
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], usage="%(prog)s [options]",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("workload")
     g.add_argument("--sizes", type=int, nargs="+", default=[128, 224], help="image sizes (px)")
-    g.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    g.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32],
+                   help="batch sizes, each timed in fresh worker processes")
     g.add_argument("--device", default="cpu", help="PyTorch device: cpu, cuda[:N], dml[:N], auto")
     g.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0))
                    if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1),
@@ -695,7 +702,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         return serve(args)
-    from model_pytorch_directml import CRBLError
+    try:
+        from model_pytorch_directml import CRBLError
+    except ModuleNotFoundError as exc:
+        exit_missing_module(exc)
     try:
         check_args(args)
         report = {"command": "python benchmark_CRBL.py " + " ".join(sys.argv[1:] if argv is None else argv),

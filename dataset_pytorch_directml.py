@@ -760,16 +760,20 @@ def save_metric_plots(labels: Sequence[int], scores: Sequence[float], threshold:
         written.append(path)
 
     if len(np.unique(y)) == 2:
+        from sklearn.metrics import average_precision_score, roc_auc_score
         fpr, tpr, _ = roc_curve(y, s)
         fig, ax = plt.subplots(figsize=(5, 5))
         ax.plot(fpr, tpr)
         ax.plot([0, 1], [0, 1], ":", color="grey")
-        ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
+        ax.set(xlabel="false positive rate", ylabel="true positive rate",
+               title=f"ROC (AUROC {roc_auc_score(y, s):.4f}, {len(y)} images)")
         save(fig, "roc")
         precision, recall, _ = precision_recall_curve(y, s)
         fig, ax = plt.subplots(figsize=(5, 5))
         ax.plot(recall, precision)
-        ax.set(xlabel="recall", ylabel="precision", title="Precision-recall")
+        ax.set(xlabel="recall", ylabel="precision",
+               title=f"Precision-recall (AP {average_precision_score(y, s):.4f}, "
+                     f"{int(y.sum())} anomalies)")
         save(fig, "pr")
     fig, ax = plt.subplots(figsize=(6, 4))
     bins = np.linspace(0, 1, 51)

@@ -24,15 +24,19 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from torch.utils.data import DataLoader
+try:
+    import torch
+    from torch.utils.data import DataLoader
 
-from dataset_pytorch_directml import (Sample, TestDataset, auto_workers, before_workers_start,
-                                      compute_metrics, describe_skipped, read_manifest,
-                                      save_metric_plots, scan_folder, worker_init)
-from model_pytorch_directml import (MODEL_TYPE_THRESHOLDS, CRBLError, compile_for_inference,
-                                    fold_batchnorm, get_device, load_model,
-                                    resolve_threshold)
+    from dataset_pytorch_directml import (Sample, TestDataset, auto_workers, before_workers_start,
+                                          compute_metrics, describe_skipped, read_manifest,
+                                          save_metric_plots, scan_folder, worker_init)
+    from model_pytorch_directml import (MODEL_TYPE_THRESHOLDS, CRBLError, HelpFormatter,
+                                        compile_for_inference, fold_batchnorm, get_device,
+                                        load_model, resolve_threshold)
+except ModuleNotFoundError as exc:  # a Python without the requirements, e.g. outside the venv
+    from setup_amd_gpu_directml import exit_missing_module
+    exit_missing_module(exc)
 
 OUTPUT_COLUMNS = ("image_path", "score", "prediction", "label", "error", "note")
 # Images fetched at once without DataLoader workers (make_loader). At batch 1 on 2 cores, 8 took
@@ -43,19 +47,20 @@ DECODE_AHEAD = 8
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     usage="%(prog)s --weights PTH --input PATH [options]",
+                                     formatter_class=HelpFormatter)
     io = parser.add_argument_group("input and output")
     io.add_argument("--weights", required=True, help="CRBL checkpoint (.pth) from training or "
                     "convert_h5_to_pth.py")
     io.add_argument("--input", required=True, help="an image, a folder (searched recursively) or "
                     "a CSV manifest with image_path and optional impurity/label")
     io.add_argument("--image-dir", default=None, help="folder the CSV's image_path values are "
-                    "relative to; None = the CSV's folder")
+                    "relative to (default: the CSV's own folder)")
     io.add_argument("--output", default="predictions.csv", help="output CSV; metrics and plots "
                     "go beside it when labels are known")
     decision = parser.add_argument_group("decision")
     decision.add_argument("--threshold", type=float, default=None, help="anomaly if score >= "
-                          "threshold; None = the checkpoint's (chosen on validation), else 0.5")
+                          "threshold (default: the checkpoint's, chosen on validation; else 0.5)")
     decision.add_argument("--model-type", choices=sorted(MODEL_TYPE_THRESHOLDS), default=None,
                           help="use the original threshold preset (crop 0.01, full 0.5) "
                           "instead of the checkpoint's")
