@@ -72,6 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="CPU threads for both frameworks (torch.set_num_threads, TF intra/inter-op)")
     g.add_argument("--e2e-images", type=int, default=0,
                    help="images for the end-to-end run; 0 = max(256, 16 batches)")
+    g.add_argument("--workers", type=int, default=-1,
+                   help="the end-to-end run's inference --workers (DataLoader processes); -1 = "
+                        "the script's auto choice (none on a CPU with under 16 cores)")
     g.add_argument("--amp", action="store_true",
                    help="CUDA/ROCm: float16 autocast backbones (the head stays float32) for every "
                         "PyTorch variant, GradScaler in training, --fp16 in the inference script; "
@@ -111,6 +114,8 @@ def check_args(args) -> None:
     if args.amp and args.device.split(":")[0] in ("cpu", "dml", "directml"):
         raise CRBLError(f"--amp needs a CUDA/ROCm GPU (float16 autocast); --device {args.device} "
                         "runs float32: leave --amp out")
+    if args.workers < -1:
+        raise CRBLError(f"--workers {args.workers}: give 0 or more processes, or -1 for auto")
     if args.weights and not Path(args.weights).is_file():
         raise CRBLError(f"--weights {args.weights}: no such file")
 
@@ -286,7 +291,8 @@ class TorchWorker:
         try:
             code = inference.main(["--weights", str(self.checkpoint), "--input", str(folder),
                                    "--output", str(output), "--device", self.args.device,
-                                   "--batch-size", str(self.batch), "--no-progress"]
+                                   "--batch-size", str(self.batch), "--no-progress",
+                                   "--workers", str(self.args.workers)]
                                   + (["--fp16"] if self.amp else []))
         finally:
             inference.score_to_csv = score_to_csv
@@ -425,11 +431,12 @@ class Worker:
         workdir.mkdir(exist_ok=True)
         env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2")
         self.kind, self.log = kind, tempfile.TemporaryFile("w+")
-        command = [sys.executable, str(Path(__file__).resolve()), "--worker", kind,
-                   "--size", str(size), "--batch", str(batch), "--workdir", str(workdir),
-                   "--model-dir", str(workdir.parent),
-                   "--device", args.device, "--threads", str(args.threads),
-                   "--e2e-images", str(e2e_images)] + (["--amp"] if args.amp else [])
+        command = ([sys.executable, str(Path(__file__).resolve()), "--worker", kind,
+                    "--size", str(size), "--batch", str(batch), "--workdir", str(workdir),
+                    "--model-dir", str(workdir.parent),
+                    "--device", args.device, "--threads", str(args.threads),
+                    "--e2e-images", str(e2e_images), "--workers", str(args.workers)]
+                   + (["--amp"] if args.amp else []))
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log, text=True, env=env, cwd=ROOT)
         self.info = self.ask(None)

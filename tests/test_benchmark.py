@@ -47,6 +47,16 @@ def test_smoke_run_writes_every_measurement(tmp_path, capsys):
     assert "| 64 | 2 |" in table and "CRBL/backbones" in table
 
 
+def test_end_to_end_run_with_dataloader_workers(tmp_path):
+    """--workers reaches the inference script of the end-to-end run (its rows are checked
+    there: every image scored), e.g. to compare --workers 0 and 2 on a CPU."""
+    report = run(tmp_path, "--batch-sizes", "2", "--e2e-images", "4", "--no-keras", "--no-train",
+                 "--workers", "1")
+    (result,) = report["results"]
+    assert report["settings"]["workers"] == 1
+    assert len(result["seconds"]["e2e"]) == 1 and result["images_per_s"]["e2e_steady"] > 0
+
+
 @pytest.mark.skipif(not HAS_KERAS, reason="TensorFlow, tf-keras or efficientnet not installed")
 def test_keras_side_uses_the_same_model(tmp_path):
     report = run(tmp_path, "--batch-sizes", "1", "--no-train", "--no-e2e")
@@ -71,6 +81,7 @@ def test_user_weights_are_benchmarked(shared_fixture, tmp_path):
     (["--batch-sizes", "0"], ">= 1"),
     (["--amp"], "--amp needs a CUDA/ROCm GPU"),
     (["--weights", "missing.weights.h5"], "missing.weights.h5: no such file"),
+    (["--workers", "-2"], "--workers -2: give 0 or more processes, or -1 for auto"),
 ])
 def test_bad_settings_are_one_line_errors(argv, message, tmp_path, capsys):
     assert benchmark_CRBL.main(argv + ["--json", str(tmp_path / "b.json")]) == 2
