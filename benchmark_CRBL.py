@@ -72,9 +72,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="CPU threads for both frameworks (torch.set_num_threads, TF intra/inter-op)")
     g.add_argument("--e2e-images", type=int, default=0,
                    help="images for the end-to-end run; 0 = max(256, 16 batches)")
-    g.add_argument("--workers", type=int, default=-1,
-                   help="the end-to-end run's inference --workers (DataLoader processes); -1 = "
-                        "the script's auto choice (none on a CPU with under 16 cores)")
+    g.add_argument("--workers", type=int, nargs="+", default=[-1],
+                   help="the end-to-end run's inference --workers (DataLoader processes; -1 = the "
+                        "script's auto choice, none on a CPU with under 16 cores). Several values: "
+                        "each also runs in a fresh process in every round, as a user runs it, and "
+                        "its scoring loop is compared with the first value's round by round "
+                        "(e2e_workers<N>_vs_workers<first>)")
     g.add_argument("--amp", action="store_true",
                    help="CUDA/ROCm: float16 autocast backbones (the head stays float32) for every "
                         "PyTorch variant, GradScaler in training, --fp16 in the inference script; "
@@ -114,8 +117,8 @@ def check_args(args) -> None:
     if args.amp and args.device.split(":")[0] in ("cpu", "dml", "directml"):
         raise CRBLError(f"--amp needs a CUDA/ROCm GPU (float16 autocast); --device {args.device} "
                         "runs float32: leave --amp out")
-    if args.workers < -1:
-        raise CRBLError(f"--workers {args.workers}: give 0 or more processes, or -1 for auto")
+    if min(args.workers) < -1:
+        raise CRBLError(f"--workers {min(args.workers)}: give 0 or more processes, or -1 for auto")
     if args.weights and not Path(args.weights).is_file():
         raise CRBLError(f"--weights {args.weights}: no such file")
 
@@ -230,6 +233,9 @@ class TorchWorker:
             elif what == "forward_n":
                 for chunk in self.e2e_tensors():
                     self.sync(m(chunk))
+            elif what.startswith("e2e_fresh_workers"):  # e.g. "e2e_fresh_workers2"
+                return self.end_to_end(self.e2e_files(), self.args.e2e_images,
+                                       int(what.removeprefix("e2e_fresh_workers")), fresh=True)
             elif what == "e2e":
                 return self.end_to_end(self.e2e_files(), self.args.e2e_images)
             elif what == "e2e_one_batch":  # start-up and first-batch latency
@@ -272,36 +278,35 @@ class TorchWorker:
             self._e2e_x = [self._tensor(x[i:i + self.batch]) for i in range(0, len(x), self.batch)]
         return self._e2e_x
 
-    def end_to_end(self, folder: Path, expected_images: int) -> float:
+    def end_to_end(self, folder: Path, expected_images: int, workers: int | None = None,
+                   fresh: bool = False) -> float:
         """Run the inference script on `folder`; returns the seconds of its scoring loop
-        (decoding, resizing, forwards, CSV rows): the run less imports, model loading and folding,
-        whose time varies by ~0.1 s from run to run."""
-        import inference_CRBL_pytorch_directml as inference
+        (decoding, resizing, forwards, CSV rows; DataLoader workers start inside it): the run less
+        imports, model loading and folding, whose time varies by ~0.1 s from run to run.
+        workers: its --workers, by default the first of the benchmark's --workers.
+        fresh: in a new process, as a user runs it. DataLoader workers are forked processes: forked
+        from this one, after many forwards, the first forward then copies every page the
+        allocator reuses (copy-on-write; +0.32 s on a 0.11 s forward at 128 px, batch 32), a
+        cost a fresh run, which forks before its first forward, does not have."""
         output = self.workdir / "predictions.csv"
-        score_to_csv, loop = inference.score_to_csv, []
-
-        def timed_score_to_csv(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return score_to_csv(*args, **kwargs)
-            finally:
-                loop.append(time.perf_counter() - start)
-
-        inference.score_to_csv = timed_score_to_csv
-        try:
-            code = inference.main(["--weights", str(self.checkpoint), "--input", str(folder),
-                                   "--output", str(output), "--device", self.args.device,
-                                   "--batch-size", str(self.batch), "--no-progress",
-                                   "--workers", str(self.args.workers)]
-                                  + (["--fp16"] if self.amp else []))
-        finally:
-            inference.score_to_csv = score_to_csv
-        if code != 0:
-            raise RuntimeError(f"inference script exited with {code}")
+        argv = ["--weights", str(self.checkpoint), "--input", str(folder), "--output", str(output),
+                "--device", self.args.device, "--batch-size", str(self.batch), "--no-progress",
+                "--workers", str(self.args.workers[0] if workers is None else workers)]
+        argv += ["--fp16"] if self.amp else []
+        if fresh:
+            code = ("import sys, torch; torch.set_num_threads(int(sys.argv[1])); "
+                    "import benchmark_CRBL; print(benchmark_CRBL.scoring_loop_seconds(sys.argv[2:]))")
+            done = subprocess.run([sys.executable, "-c", code, str(self.args.threads), *argv],
+                                  cwd=ROOT, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"inference script failed:\n{done.stderr[-2000:]}")
+            seconds = float(done.stdout.split()[-1])
+        else:
+            seconds = scoring_loop_seconds(argv)
         rows = len(output.read_text(encoding="utf-8-sig").splitlines()) - 1  # minus the header
         if rows != expected_images:  # the images/s figures assume exactly this many
             raise RuntimeError(f"the inference script scored {rows} images, expected {expected_images}")
-        return loop[0]
+        return seconds
 
     def train_step(self) -> None:
         torch = self.torch
@@ -326,6 +331,28 @@ class TorchWorker:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.sync(loss)
+
+
+def scoring_loop_seconds(argv: list[str]) -> float:
+    """inference_CRBL_pytorch_directml.main(argv); the seconds its scoring loop took."""
+    import inference_CRBL_pytorch_directml as inference
+    score_to_csv, loop = inference.score_to_csv, []
+
+    def timed_score_to_csv(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return score_to_csv(*args, **kwargs)
+        finally:
+            loop.append(time.perf_counter() - start)
+
+    inference.score_to_csv = timed_score_to_csv
+    try:
+        code = inference.main(argv)
+    finally:
+        inference.score_to_csv = score_to_csv
+    if code != 0:
+        raise RuntimeError(f"inference script exited with {code}")
+    return loop[0]
 
 
 class Unavailable(Exception):
@@ -435,7 +462,7 @@ class Worker:
                     "--size", str(size), "--batch", str(batch), "--workdir", str(workdir),
                     "--model-dir", str(workdir.parent),
                     "--device", args.device, "--threads", str(args.threads),
-                    "--e2e-images", str(e2e_images), "--workers", str(args.workers)]
+                    "--e2e-images", str(e2e_images), "--workers", *map(str, args.workers)]
                    + (["--amp"] if args.amp else []))
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log, text=True, env=env, cwd=ROOT)
@@ -548,6 +575,7 @@ def bench_config(size: int, batch: int, model_dir: Path, args) -> dict:
         for worker in workers:
             worker.close()
     result.update(summarise(times, memory, batch, n_e2e))
+    result["ratios"].update(result.pop("workers_vs_first", {}))
     return result
 
 
@@ -581,10 +609,21 @@ def measure(torch_w: Worker, keras: Worker | None, args, result: dict, checkpoin
             result["max_abs_prob_diff_amp_vs_cpu"] = float(np.abs(np.subtract(amp, cpu)).max())
     if not args.no_e2e:  # one warm-up: the inference script's first run imports its modules
         loops: dict[str, list] = {}  # the seconds of each run's scoring loop
+        # Several --workers: each a fresh run of the script in every round (end_to_end).
+        fresh = {f"e2e_fresh_workers{w}": (torch_w, f"e2e_fresh_workers{w}")
+                 for w in (args.workers if len(args.workers) > 1 else [])}
         times.update(interleaved({"forward_n": (torch_w, "forward_n"), "e2e": (torch_w, "e2e"),
-                                  "e2e_one_batch": (torch_w, "e2e_one_batch")}, 1, args.repeats,
-                                 values=loops))
+                                  "e2e_one_batch": (torch_w, "e2e_one_batch"), **fresh}, 1,
+                                 args.repeats, values=loops))
         times["e2e_loop"], times["e2e_one_batch_loop"] = loops["e2e"], loops["e2e_one_batch"]
+        first = f"e2e_fresh_workers{args.workers[0]}"
+        for name in fresh:  # whole scoring loops, worker start-up included, round by round
+            times[f"{name}_loop"] = loops[name]
+            if name != first:
+                result.setdefault("workers_vs_first", {})[
+                    f"e2e_workers{name.removeprefix('e2e_fresh_workers')}_vs_workers"
+                    f"{args.workers[0]}"] = statistics.median(
+                    a / b for a, b in zip(loops[first], loops[name]))
     if not args.no_train:
         train = {"train": (torch_w, "train")}
         if keras:
@@ -609,6 +648,7 @@ def cpu_probs(checkpoint: Path, size: int, batch: int) -> list[float]:
 def summarise(times: dict, memory: dict, batch: int, n_e2e: int) -> dict:
     med = {name: statistics.median(ts) for name, ts in times.items()}
     per_call_images = {"forward_n": n_e2e, "e2e": n_e2e, "e2e_loop": n_e2e}
+    per_call_images.update({name: n_e2e for name in med if name.startswith("e2e_fresh_workers")})
     ips = {name: per_call_images.get(name, batch) / s for name, s in med.items()
            if name not in ("e2e_one_batch", "e2e_one_batch_loop")}
     # e2e ratios are taken round by round (a round's three calls run back to back), then the

@@ -686,14 +686,26 @@ def before_workers_start() -> None:
         cv2.setNumThreads(1)
 
 
-def worker_init(_worker_id: int) -> None:
-    # Each DataLoader worker decodes and resizes one image at a time on one thread: torch's and
-    # OpenCV's default thread pools per worker would oversubscribe the cores the model needs
-    # (2 cores, --workers 2: 70.6 s against 18.5-27 s without workers for the same folder).
+def worker_init(_worker_id: int, below_model: bool = False) -> None:
+    """DataLoader worker_init_fn; below_model (the CPU runs the model): lowest priority.
+
+    Each worker decodes and resizes one image at a time on one thread: torch's and OpenCV's
+    default thread pools per worker oversubscribed the cores the model needs (2 cores,
+    --workers 2: 70.6 s against 18.5-27 s without workers for the same folder). On the CPU the
+    model's OpenMP threads need every core at once: a worker that takes one of them stalls the
+    other at the next barrier, so there workers only get what the model leaves idle (nice 19).
+    """
     torch.set_num_threads(1)
     cv2 = _opencv()
     if cv2 is not None and cv2.getNumThreads() != 1:  # a spawned worker (Windows, macOS)
         cv2.setNumThreads(1)
+    if below_model and hasattr(os, "nice"):  # POSIX; Windows has no per-process nice
+        os.nice(19)
+
+
+def worker_init_for(device) -> Any:
+    """worker_init for loaders feeding a model on get_device()'s device."""
+    return functools.partial(worker_init, below_model=device.kind == "cpu")
 
 
 def auto_workers(device) -> int:

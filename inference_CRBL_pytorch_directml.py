@@ -30,7 +30,7 @@ try:
 
     from dataset_pytorch_directml import (Sample, TestDataset, auto_workers, before_workers_start,
                                           compute_metrics, describe_skipped, read_manifest,
-                                          save_metric_plots, scan_folder, worker_init)
+                                          save_metric_plots, scan_folder, worker_init_for)
     from model_pytorch_directml import (MODEL_TYPE_THRESHOLDS, CRBLError, HelpFormatter,
                                         compile_for_inference, fold_batchnorm, get_device,
                                         load_model, resolve_threshold)
@@ -201,7 +201,8 @@ def make_loader(samples, image_size: int, args, device) -> DataLoader:
     else:
         before_workers_start()
     return DataLoader(TestDataset(samples, image_size, notes=True), batch_size=fetch, shuffle=False,
-                      num_workers=workers, worker_init_fn=worker_init if workers else None,
+                      num_workers=workers,
+                      worker_init_fn=worker_init_for(device) if workers else None,
                       pin_memory=device.kind in ("cuda", "rocm"))
 
 

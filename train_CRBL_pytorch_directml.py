@@ -40,7 +40,7 @@ try:
                                           compute_metrics, discover_image_folder,
                                           make_demo_dataset, preprocess_image, read_manifest,
                                           stratified_split, train_augmentation, verify_images,
-                                          worker_init)
+                                          worker_init_for)
     from model_pytorch_directml import (MODEL_TYPE_THRESHOLDS, PRETRAINED_TAGS, CRBLConfig,
                                         CRBLError, CRBLModel, HelpFormatter, find_local_weights,
                                         freeze_backbones, get_device, load_checkpoint,
@@ -610,7 +610,8 @@ def make_loaders(data, args, device, rank: int = 0, world: int = 1
         before_workers_start()
     # Persistent workers: no process start-up per epoch; they hold no epoch state (the sampler
     # runs in this process and sends each draw's augmentation seed).
-    common = dict(num_workers=workers, worker_init_fn=worker_init if workers else None,
+    common = dict(num_workers=workers,
+                  worker_init_fn=worker_init_for(device) if workers else None,
                   persistent_workers=workers > 0, pin_memory=device.kind in ("cuda", "rocm"))
     train_loader = DataLoader(TrainDataset(data["train"], args.image_size, transform),
                               batch_sampler=sampler, **common)

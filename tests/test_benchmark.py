@@ -47,14 +47,19 @@ def test_smoke_run_writes_every_measurement(tmp_path, capsys):
     assert "| 64 | 2 |" in table and "CRBL/backbones" in table
 
 
-def test_end_to_end_run_with_dataloader_workers(tmp_path):
-    """--workers reaches the inference script of the end-to-end run (its rows are checked
-    there: every image scored), e.g. to compare --workers 0 and 2 on a CPU."""
+def test_end_to_end_runs_compare_dataloader_workers(tmp_path):
+    """--workers 0 1: each value runs the script in a fresh process in every round (every image
+    scored, checked there), and the second value's scoring loop is compared with the first's."""
     report = run(tmp_path, "--batch-sizes", "2", "--e2e-images", "4", "--no-keras", "--no-train",
-                 "--workers", "1")
+                 "--workers", "0", "1")
     (result,) = report["results"]
-    assert report["settings"]["workers"] == 1
-    assert len(result["seconds"]["e2e"]) == 1 and result["images_per_s"]["e2e_steady"] > 0
+    assert report["settings"]["workers"] == [0, 1]
+    seconds = result["seconds"]
+    assert len(seconds["e2e"]) == len(seconds["e2e_fresh_workers0"]) == len(seconds["e2e_fresh_workers1"]) == 1
+    loops = seconds["e2e_fresh_workers0_loop"][0], seconds["e2e_fresh_workers1_loop"][0]
+    assert 0 < loops[1] < seconds["e2e_fresh_workers1"][0]  # the loop, inside a whole new process
+    assert result["ratios"]["e2e_workers1_vs_workers0"] == pytest.approx(loops[0] / loops[1])
+    assert result["images_per_s"]["e2e_fresh_workers1_loop"] == pytest.approx(4 / loops[1])
 
 
 @pytest.mark.skipif(not HAS_KERAS, reason="TensorFlow, tf-keras or efficientnet not installed")

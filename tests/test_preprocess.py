@@ -508,3 +508,28 @@ def test_not_an_image_says_what_the_file_is(tmp_path, content, expected):
     with pytest.raises(ImageError) as info:
         load_rgb_uint8(path)
     assert info.value.reason.startswith(expected) or expected in info.value.reason, info.value.reason
+
+
+class _WorkerSettings(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        return os.nice(0), torch.get_num_threads(), cv2.getNumThreads()
+
+
+@pytest.mark.skipif(not hasattr(os, "nice") or "fork" not in multiprocessing.get_all_start_methods(),
+                    reason="POSIX fork and nice")
+@pytest.mark.parametrize("kind", ["cpu", "cuda"])
+def test_decoding_workers_use_one_thread_and_yield_to_a_cpu_model(kind):
+    """Workers decode on one torch and one OpenCV thread; beside a model on the CPU they run at
+    the lowest priority, so they never take a core the model's threads need."""
+    from types import SimpleNamespace
+    ds.before_workers_start()
+    loader = DataLoader(_WorkerSettings(), batch_size=None, num_workers=1,
+                        worker_init_fn=ds.worker_init_for(SimpleNamespace(kind=kind)),
+                        multiprocessing_context="fork")
+    parent = os.nice(0)
+    for niceness, torch_threads, cv2_threads in loader:
+        assert (torch_threads, cv2_threads) == (1, 1)
+        assert niceness == (min(19, parent + 19) if kind == "cpu" else parent)
