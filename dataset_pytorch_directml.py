@@ -17,6 +17,7 @@ import csv
 import functools
 import math
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -368,6 +369,12 @@ def explain_failure(path: Path, exc: BaseException, c_text: str = "") -> str:
             return missing
     if isinstance(exc, Image.UnidentifiedImageError):
         return not_an_image(head)
+    if _document_kind(head):  # e.g. HDF5: Pillow identifies it, with a stub and no decoder
+        return f"not an image: the file is {_document_kind(head)}"
+    stub = re.match(r"cannot find loader for this (\S+) file", detail)
+    if stub:
+        return (f"a {stub.group(1)} file: Pillow identifies the format but has no decoder for it "
+                f"here; {CONVERT_HINT}")
     return f"corrupt or truncated image data ({type(exc).__name__}: {detail})"
 
 
@@ -403,12 +410,26 @@ def _tiff_missing_codec(path: Path, said: str) -> str | None:
     return None
 
 
+def _document_kind(head: bytes) -> str | None:
+    """What a file that is no image is, from its signature; None if it has none of these."""
+    documents = ((head[:5] == b"%PDF-", "a PDF document"),
+                 (head[:4] == b"PK\x03\x04", "a ZIP archive (or an Office document)"),
+                 (head[:2] == b"\x1f\x8b", "a gzip archive"),
+                 (head[:4] == b"Rar!" or head[:6] == b"7z\xbc\xaf\x27\x1c", "a RAR/7-Zip archive"),
+                 (head[4:8] == b"ftyp" and head[8:12] not in _ISO_IMAGE_BRANDS,
+                  "an MP4/QuickTime video or other ISO media file"),
+                 (head[:4] == b"\x89HDF", "an HDF5 file (Keras weights?)"))
+    return next((what for found, what in documents if found), None)
+
+
+_ISO_IMAGE_BRANDS = (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis")
+
+
 def not_an_image(head: bytes) -> str:
     """What a file Pillow and OpenCV do not recognise is, from its first bytes, if easy to tell."""
     brand = head[8:12] if head[4:8] == b"ftyp" else b""
     images = (
-        (brand in (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1"),
-         "HEIC/HEIF image (iPhone photos)", "install pillow-heif, or "),
+        (brand in _ISO_IMAGE_BRANDS[:7], "HEIC/HEIF image (iPhone photos)", "install pillow-heif, or "),
         (brand in (b"avif", b"avis"), "AVIF image", "install a Pillow with AVIF support, or "),
         (head[:2] == b"\xff\x0a" or head[4:12] == b"JXL \r\n\x87\n", "JPEG XL image", ""),
         (head[:4] == b"v/1\x01", "OpenEXR image", "install an OpenCV built with OpenEXR, or "),
@@ -417,13 +438,7 @@ def not_an_image(head: bytes) -> str:
     for found, what, fix in images:
         if found:
             return f"{what}, which the installed Pillow and OpenCV cannot read; {fix}{CONVERT_HINT}"
-    documents = ((head[:5] == b"%PDF-", "a PDF document"),
-                 (head[:4] == b"PK\x03\x04", "a ZIP archive (or an Office document)"),
-                 (head[:2] == b"\x1f\x8b", "a gzip archive"),
-                 (head[:4] == b"Rar!" or head[:6] == b"7z\xbc\xaf\x27\x1c", "a RAR/7-Zip archive"),
-                 (brand != b"", "an MP4/QuickTime video or other ISO media file"),
-                 (head[:4] == b"\x89HDF", "an HDF5 file (Keras weights?)"))
-    what = next((what for found, what in documents if found), None)
+    what = _document_kind(head)
     if what is None and head and b"\0" not in head:
         text = head.decode("utf-8", "replace").lstrip("\ufeff").lstrip().lower()
         if text.startswith(("<!doctype html", "<html")):

@@ -497,6 +497,7 @@ def test_scan_picks_up_what_the_installed_pillow_registers():
     (b"<!DOCTYPE html><html><body>404</body></html>", "not an image: the file is an HTML page"),
     (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n", "not an image: the file is a PDF document"),
     (b"PK\x03\x04" + bytes(40), "not an image: the file is a ZIP archive"),
+    (b"\x89HDF\r\n\x1a\n" + bytes(40), "not an image: the file is an HDF5 file"),  # Pillow: a stub
     (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>', "an SVG drawing"),
     (b"\0\0\0\x18ftypheic" + bytes(64), "HEIC/HEIF image (iPhone photos), which the installed "
                                         "Pillow and OpenCV cannot read; install pillow-heif"),
