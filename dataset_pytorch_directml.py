@@ -156,8 +156,11 @@ class _CStderrCapture:
                 self.exclusive, self.exclusive_waiting = True, False
             if self.active == 0:
                 sys.stderr.flush()
-                self.saved = os.dup(2)
-                os.dup2(self.fd, 2)
+                try:
+                    self.saved = os.dup(2)
+                    os.dup2(self.fd, 2)
+                except OSError:  # no fd 2 (a daemon closed it): nothing to keep off a terminal
+                    self.saved = None
             self.active += 1
             self.started += 1
             ticket, alone, start = self.started, self.active == 1, os.fstat(self.fd).st_size
@@ -171,8 +174,9 @@ class _CStderrCapture:
                 self.active -= 1
                 self.exclusive = self.exclusive and not exclusive
                 if self.active == 0:
-                    os.dup2(self.saved, 2)
-                    os.close(self.saved)
+                    if self.saved is not None:
+                        os.dup2(self.saved, 2)
+                        os.close(self.saved)
                     os.ftruncate(self.fd, 0)  # O_APPEND: the next writes start at 0 again
                 self.cond.notify_all()
 

@@ -534,3 +534,13 @@ def test_decoding_workers_use_one_thread_and_yield_to_a_cpu_model(kind):
     for niceness, torch_threads, cv2_threads in loader:
         assert (torch_threads, cv2_threads) == (1, 1)
         assert niceness == (min(19, parent + 19) if kind == "cpu" else parent)
+
+
+def test_decoding_works_without_an_fd_2(tmp_path):
+    """A process whose stderr is closed (a daemon) still decodes: there is just nothing to
+    redirect."""
+    odd_files.png_with_bad_text_crc(tmp_path / "crc.png")
+    script = (f"import os, sys; sys.path.insert(0, {str(ROOT)!r}); import dataset_pytorch_directml "
+              f"as ds; os.close(2); print(ds.load_rgb_uint8({str(tmp_path / 'crc.png')!r}).shape)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "(24, 32, 3)", done.stderr[-1000:]
