@@ -904,12 +904,14 @@ def check_labelled(samples: Sequence[Sample], what: str) -> None:
 
 
 def verify_images(samples: Sequence[Sample], what: str, where=None, max_bad_fraction: float = 0.05,
-                  progress: bool = True) -> tuple[list[Sample], list[str]]:
+                  progress: bool = True, noted: list[str] | None = None
+                  ) -> tuple[list[Sample], list[str]]:
     """Decode every image once before training, so no file fails mid-epoch.
 
     Missing files are an error (a wrong path or --image-dir). Unreadable files are dropped and
     returned as warnings, unless they are more than max_bad_fraction of the set.
     where(i) names sample i for messages (e.g. "train.csv row 7"); default its path.
+    noted: gets "where: what the decoder warned" for usable images it warned about.
     """
     from tqdm import tqdm
     where = where or (lambda i: str(samples[i].path))
@@ -921,12 +923,15 @@ def verify_images(samples: Sequence[Sample], what: str, where=None, max_bad_frac
     good, bad = [], []
     for i, sample in enumerate(tqdm(samples, desc=f"checking {what}", unit="img", leave=False,
                                     disable=not progress)):
+        notes: list[str] = []
         try:
-            load_rgb_uint8(sample.path)
+            load_rgb_uint8(sample.path, notes)
         except ImageError as exc:
             bad.append(f"{where(i)}: {exc.reason}")
             continue
         good.append(sample)
+        if notes and noted is not None:
+            noted.append(f"{where(i)}: {'; '.join(notes)}")
     if len(bad) > max_bad_fraction * len(samples):
         raise CRBLError(f"{what}: {len(bad)} of {len(samples)} images are unreadable, first "
                         f"{bad[0]}; fix or remove them")

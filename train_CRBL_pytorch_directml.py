@@ -235,18 +235,25 @@ def load_data(args) -> dict:
             raise CRBLError(f"--data-dir {data_dir}: no images found; expected "
                             "<dir>/good/*.png and <dir>/<defect>/*.png, or MVTec <dir>/train/good "
                             "and <dir>/test/<defect>")
-    train, bad = verify_images(train, "training images", where_train, progress=not args.no_progress)
+    noted: list[str] = []  # usable images a decoder warned about (e.g. a bad EXIF block)
+    train, bad = verify_images(train, "training images", where_train,
+                               progress=not args.no_progress, noted=noted)
     if val is not None:
-        val, bad_val = verify_images(val, "validation images", where_val, progress=not args.no_progress)
+        val, bad_val = verify_images(val, "validation images", where_val,
+                                     progress=not args.no_progress, noted=noted)
         bad += bad_val
     if bad:
         print(f"warning: {len(bad)} unreadable images left out: " + "; ".join(bad[:10])
               + (" ..." if len(bad) > 10 else ""))
+    if noted:
+        print(f"note: {len(noted)} image{'s' if len(noted) > 1 else ''} kept although a decoder "
+              f"warned (all in train_config.json): " + "; ".join(noted[:3])
+              + (" ..." if len(noted) > 3 else ""))
     check_labelled(train, "training data")
     if val is None:
         train, val = stratified_split(train, args.val_split, args.seed)
     check_labelled(val, "validation data")
-    return {"train": train, "val": val, "source": source, "unreadable": bad}
+    return {"train": train, "val": val, "source": source, "unreadable": bad, "decoder_notes": noted}
 
 
 def build_model(args, resume: dict | None) -> tuple[CRBLModel, dict]:
@@ -582,7 +589,8 @@ def write_config(args, argv, model, data, device, freezing, out_dir: Path) -> No
         "data": {"source": data["source"], "train_images": len(data["train"]),
                  "train_anomalies": sum(s.label for s in data["train"]),
                  "val_images": len(data["val"]), "val_anomalies": sum(s.label for s in data["val"]),
-                 "unreadable_left_out": data["unreadable"]},
+                 "unreadable_left_out": data["unreadable"],
+                 "decoder_notes": data["decoder_notes"]},
         "freezing": freezing,
         "device": str(device),
         "versions": {"python": platform.python_version(), "torch": torch.__version__},

@@ -325,6 +325,27 @@ def test_unreadable_images_warn_a_few_refuse_many(tmp_path, images):
                       progress=False)
 
 
+def test_decoder_warnings_on_training_images_are_reported_not_printed(tiny_data, tmp_path, capfd):
+    """A usable training image a decoder warns about (libpng: a chunk's CRC) is kept; the
+    warning is summed up in one note line and kept in train_config.json, not on stderr."""
+    import shutil
+
+    import odd_files
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)  # the fixture is shared: change a copy
+    first = (data / "train.csv").read_text().splitlines()[1].split(",")[0]
+    odd_files.png_with_bad_text_crc(data / first)
+    out = tmp_path / "run"
+    capfd.readouterr()
+    assert train("--train-csv", data / "train.csv", "--init", "none", "--image-size", SIZE,
+                 "--model-type", "full", "--epochs", 1, "--batch-size", 4, "--output-dir", out) == 0
+    stdout, stderr = capfd.readouterr()
+    assert "libpng" not in stderr
+    note = f"{data / 'train.csv'} row 2: libpng warning: tEXt: CRC error"
+    assert f"note: 1 image kept although a decoder warned (all in train_config.json): {note}" in stdout
+    assert json.loads((out / "train_config.json").read_text())["data"]["decoder_notes"] == [note]
+
+
 def test_plots_name_their_numbers_and_use_whole_epochs(tmp_path, monkeypatch):
     """ROC/PR titles carry AUROC/AP; the curves' epoch axis has whole epochs only; the
     learning-rate panel is log-scaled when the rate changed, else says it was constant."""
