@@ -39,7 +39,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+from setup_amd_gpu_directml import exit_missing_module
+
+try:
+    import numpy as np
+except ModuleNotFoundError as exc:  # a Python without the requirements, e.g. outside the venv
+    exit_missing_module(exc)
 
 # No torch import at the top: the Keras worker runs this file, and TensorFlow and torch in one
 # process can crash. Parent and PyTorch worker import the model module where they need it.
@@ -55,17 +60,25 @@ TARGETS = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    # Not the model module's HelpFormatter: the Keras worker parses these too, without torch.
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], usage="%(prog)s [options]",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("workload")
     g.add_argument("--sizes", type=int, nargs="+", default=[128, 224], help="image sizes (px)")
-    g.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    g.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32],
+                   help="batch sizes, each timed in fresh worker processes")
     g.add_argument("--device", default="cpu", help="PyTorch device: cpu, cuda[:N], dml[:N], auto")
     g.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0))
                    if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1),
                    help="CPU threads for both frameworks (torch.set_num_threads, TF intra/inter-op)")
     g.add_argument("--e2e-images", type=int, default=0,
                    help="images for the end-to-end run; 0 = max(256, 16 batches)")
+    g.add_argument("--workers", type=int, nargs="+", default=[-1],
+                   help="the end-to-end run's inference --workers (DataLoader processes; -1 = the "
+                        "script's auto choice, none on a CPU with under 16 cores). Several values: "
+                        "each also runs in a fresh process in every round, as a user runs it, and "
+                        "its scoring loop is compared with the first value's round by round "
+                        "(e2e_workers<N>_vs_workers<first>)")
     g.add_argument("--amp", action="store_true",
                    help="CUDA/ROCm: float16 autocast backbones (the head stays float32) for every "
                         "PyTorch variant, GradScaler in training, --fp16 in the inference script; "
@@ -84,9 +97,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--compile", action="store_true",
                    help="also time CRBL with torch.compile'd backbones, as inference --compile "
                         "(CPU/CUDA; a minute of compiling per size and batch)")
-    g.add_argument("--workers", type=int, default=None,
-                   help="the inference script's --workers in the end-to-end runs (default: its "
-                        "own choice, none on a small CPU)")
     g.add_argument("--busy", type=int, default=0, metavar="N",
                    help="N processes busy-looping on the CPU during the measurement, as on a "
                         "machine that is not idle")
@@ -114,10 +124,12 @@ def check_args(args) -> None:
     if args.amp and args.device.split(":")[0] in ("cpu", "dml", "directml"):
         raise CRBLError(f"--amp needs a CUDA/ROCm GPU (float16 autocast); --device {args.device} "
                         "runs float32: leave --amp out")
+    if min(args.workers) < -1:
+        raise CRBLError(f"--workers {min(args.workers)}: give 0 or more processes, or -1 for auto")
     if args.weights and not Path(args.weights).is_file():
         raise CRBLError(f"--weights {args.weights}: no such file")
-    if args.busy < 0 or (args.workers is not None and args.workers < 0):
-        raise CRBLError("--busy and --workers must be >= 0")
+    if args.busy < 0:
+        raise CRBLError(f"--busy {args.busy}: give 0 or more processes")
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,6 +247,9 @@ class TorchWorker:
             elif what == "forward_n":
                 for chunk in self.e2e_tensors():
                     self.sync(runner(chunk))
+            elif what.startswith("e2e_fresh_workers"):  # e.g. "e2e_fresh_workers2"
+                return self.end_to_end(self.e2e_files(), self.args.e2e_images,
+                                       int(what.removeprefix("e2e_fresh_workers")), fresh=True)
             elif what == "e2e":
                 return self.end_to_end(self.e2e_files(), self.args.e2e_images)
             elif what == "e2e_one_batch":  # start-up and first-batch latency
@@ -275,24 +290,35 @@ class TorchWorker:
             self._e2e_x = [self._tensor(x[i:i + self.batch]) for i in range(0, len(x), self.batch)]
         return self._e2e_x
 
-    def end_to_end(self, folder: Path, expected_images: int) -> float:
+    def end_to_end(self, folder: Path, expected_images: int, workers: int | None = None,
+                   fresh: bool = False) -> float:
         """Run the inference script on `folder`; returns the seconds of its scoring loop
-        (decoding, resizing, forwards, CSV rows): the run less imports, model loading and folding,
-        whose time varies by ~0.1 s from run to run."""
-        import inference_CRBL_pytorch_directml as inference
+        (decoding, resizing, forwards, CSV rows; DataLoader workers start inside it): the run less
+        imports, model loading and folding, whose time varies by ~0.1 s from run to run.
+        workers: its --workers, by default the first of the benchmark's --workers.
+        fresh: in a new process, as a user runs it. DataLoader workers are forked processes: forked
+        from this one, after many forwards, the first forward then copies every page the
+        allocator reuses (copy-on-write; +0.32 s on a 0.11 s forward at 128 px, batch 32), a
+        cost a fresh run, which forks before its first forward, does not have."""
         output = self.workdir / "predictions.csv"
-        args = inference.parse_args(
-            ["--weights", str(self.checkpoint), "--input", str(folder), "--output", str(output),
-             "--device", self.args.device, "--batch-size", str(self.batch), "--no-progress"]
-            + (["--fp16"] if self.amp else []) + (["--workers", str(self.args.workers)]
-                                                 if self.args.workers is not None else []))
-        result = inference.run(args)
-        if result.exit_code != 0:
-            raise RuntimeError(f"inference script exited with {result.exit_code}")
+        argv = ["--weights", str(self.checkpoint), "--input", str(folder), "--output", str(output),
+                "--device", self.args.device, "--batch-size", str(self.batch), "--no-progress",
+                "--workers", str(self.args.workers[0] if workers is None else workers)]
+        argv += ["--fp16"] if self.amp else []
+        if fresh:
+            code = ("import sys, torch; torch.set_num_threads(int(sys.argv[1])); "
+                    "import benchmark_CRBL; print(benchmark_CRBL.scoring_loop_seconds(sys.argv[2:]))")
+            done = subprocess.run([sys.executable, "-c", code, str(self.args.threads), *argv],
+                                  cwd=ROOT, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"inference script failed:\n{done.stderr[-2000:]}")
+            seconds = float(done.stdout.split()[-1])
+        else:
+            seconds = scoring_loop_seconds(argv)
         rows = len(output.read_text(encoding="utf-8-sig").splitlines()) - 1  # minus the header
         if rows != expected_images:  # the images/s figures assume exactly this many
             raise RuntimeError(f"the inference script scored {rows} images, expected {expected_images}")
-        return result.scoring_seconds
+        return seconds
 
     def train_step(self) -> None:
         torch = self.torch
@@ -311,6 +337,15 @@ class TorchWorker:
         _, loss = train.train_step(self.train_model, self.x, self.labels, self.optimizer,
                                    self.scaler, self.device, self.amp, 0.125, self.weights)
         self.sync(loss)
+
+
+def scoring_loop_seconds(argv: list[str]) -> float:
+    """The inference script's steps on argv (its run()); the seconds its scoring loop took."""
+    import inference_CRBL_pytorch_directml as inference
+    result = inference.run(inference.parse_args(argv))
+    if result.exit_code != 0:
+        raise RuntimeError(f"inference script exited with {result.exit_code}")
+    return result.scoring_seconds
 
 
 class Unavailable(Exception):
@@ -416,12 +451,12 @@ class Worker:
         workdir.mkdir(exist_ok=True)
         env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2")
         self.kind, self.log = kind, tempfile.TemporaryFile("w+")
-        command = [sys.executable, str(Path(__file__).resolve()), "--worker", kind,
-                   "--size", str(size), "--batch", str(batch), "--workdir", str(workdir),
-                   "--model-dir", str(workdir.parent),
-                   "--device", args.device, "--threads", str(args.threads),
-                   "--e2e-images", str(e2e_images)] + (["--amp"] if args.amp else []) \
-            + (["--workers", str(args.workers)] if args.workers is not None else [])
+        command = ([sys.executable, str(Path(__file__).resolve()), "--worker", kind,
+                    "--size", str(size), "--batch", str(batch), "--workdir", str(workdir),
+                    "--model-dir", str(workdir.parent),
+                    "--device", args.device, "--threads", str(args.threads),
+                    "--e2e-images", str(e2e_images), "--workers", *map(str, args.workers)]
+                   + (["--amp"] if args.amp else []))
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log, text=True, env=env, cwd=ROOT)
         self.info = self.ask(None)
@@ -533,6 +568,7 @@ def bench_config(size: int, batch: int, model_dir: Path, args) -> dict:
         for worker in workers:
             worker.close()
     result.update(summarise(times, memory, batch, n_e2e))
+    result["ratios"].update(result.pop("workers_vs_first", {}))
     return result
 
 
@@ -566,10 +602,21 @@ def measure(torch_w: Worker, keras: Worker | None, args, result: dict, checkpoin
             result["max_abs_prob_diff_amp_vs_cpu"] = float(np.abs(np.subtract(amp, cpu)).max())
     if not args.no_e2e:  # one warm-up: the inference script's first run imports its modules
         loops: dict[str, list] = {}  # the seconds of each run's scoring loop
+        # Several --workers: each a fresh run of the script in every round (end_to_end).
+        fresh = {f"e2e_fresh_workers{w}": (torch_w, f"e2e_fresh_workers{w}")
+                 for w in (args.workers if len(args.workers) > 1 else [])}
         times.update(interleaved({"forward_n": (torch_w, "forward_n"), "e2e": (torch_w, "e2e"),
-                                  "e2e_one_batch": (torch_w, "e2e_one_batch")}, 1, args.repeats,
-                                 values=loops))
+                                  "e2e_one_batch": (torch_w, "e2e_one_batch"), **fresh}, 1,
+                                 args.repeats, values=loops))
         times["e2e_loop"], times["e2e_one_batch_loop"] = loops["e2e"], loops["e2e_one_batch"]
+        first = f"e2e_fresh_workers{args.workers[0]}"
+        for name in fresh:  # whole scoring loops, worker start-up included, round by round
+            times[f"{name}_loop"] = loops[name]
+            if name != first:
+                result.setdefault("workers_vs_first", {})[
+                    f"e2e_workers{name.removeprefix('e2e_fresh_workers')}_vs_workers"
+                    f"{args.workers[0]}"] = statistics.median(
+                    a / b for a, b in zip(loops[first], loops[name]))
     if not args.no_train:
         train = {"train": (torch_w, "train")}
         if keras:
@@ -594,6 +641,7 @@ def cpu_probs(checkpoint: Path, size: int, batch: int) -> list[float]:
 def summarise(times: dict, memory: dict, batch: int, n_e2e: int) -> dict:
     med = {name: statistics.median(ts) for name, ts in times.items()}
     per_call_images = {"forward_n": n_e2e, "e2e": n_e2e, "e2e_loop": n_e2e}
+    per_call_images.update({name: n_e2e for name in med if name.startswith("e2e_fresh_workers")})
     ips = {name: per_call_images.get(name, batch) / s for name, s in med.items()
            if name not in ("e2e_one_batch", "e2e_one_batch_loop")}
     # e2e ratios are taken round by round (a round's three calls run back to back), then the
@@ -694,7 +742,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         return serve(args)
-    from model_pytorch_directml import CRBLError
+    try:
+        from model_pytorch_directml import CRBLError
+    except ModuleNotFoundError as exc:
+        exit_missing_module(exc)
     try:
         check_args(args)
         report = {"command": "python benchmark_CRBL.py " + " ".join(sys.argv[1:] if argv is None else argv),

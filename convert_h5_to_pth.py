@@ -24,14 +24,19 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+try:
+    import numpy as np
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
 
-from model_pytorch_directml import (IMAGENET_STD, MODEL_TYPE_THRESHOLDS, NUM_FEATURES,
-                                    WEIGHTED_KERAS_CLASSES, CRBLConfig, CRBLError, CRBLModel,
-                                    keras_layer_table, load_model, save_checkpoint)
+    from model_pytorch_directml import (IMAGENET_STD, MODEL_TYPE_THRESHOLDS, NUM_FEATURES,
+                                        WEIGHTED_KERAS_CLASSES, CRBLConfig, CRBLError, CRBLModel,
+                                        HelpFormatter, keras_layer_table, load_model,
+                                        save_checkpoint)
+except ModuleNotFoundError as exc:  # a Python without the requirements, e.g. outside the venv
+    from setup_amd_gpu_directml import exit_missing_module
+    exit_missing_module(exc)
 
 # Variables of each weighted Keras layer class, in `trainable + non_trainable` creation order.
 KERAS_VARS = {
@@ -513,7 +518,8 @@ def export_onnx(model: CRBLModel, path: str | os.PathLike, opset: int = 17,
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                usage="%(prog)s SRC.h5 DST.pth [options]",
+                                formatter_class=HelpFormatter)
     p.add_argument("src", help="Keras weights: .h5 (legacy or full model) or .weights.h5")
     p.add_argument("dst", help="output CRBL checkpoint (.pth)")
     g = p.add_argument_group("model")
@@ -551,7 +557,7 @@ def main(argv=None) -> int:
                                   opset=args.onnx_opset) if args.export_onnx else None
     except CRBLError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2  # a user error, as argparse exits for a bad option
     print(f"layout:     {report['layout']}")
     print(f"backbones:  {', '.join(report['backbones'])} ({report['flavour']})")
     print(f"input:      {report['input']}; image size {report['image_size']}")

@@ -12,9 +12,14 @@ Manifests are the original CSV files: `image_path` (relative to an images folder
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import math
 import os
+import re
+import sys
+import tempfile
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -30,12 +35,19 @@ from torch.utils.data import Dataset, get_worker_info
 from fast_paths_pytorch_directml import thread_pool
 from model_pytorch_directml import CRBLError
 
-# What a folder scan picks up (case-insensitive). Extensions of image formats Pillow cannot
-# decode are listed too, so such files get an error row instead of silently vanishing.
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".dib", ".tif", ".tiff", ".webp",
-                    ".gif", ".ppm", ".pgm", ".pbm", ".pnm", ".jp2", ".j2k", ".tga", ".ico")
-UNSUPPORTED_IMAGE_EXTENSIONS = (".heic", ".heif", ".avif", ".svg", ".psd", ".raw", ".cr2",
-                                ".nef", ".arw", ".dng", ".jxl", ".exr", ".hdr")
+# A folder scan picks up every extension the installed Pillow decodes (image_extensions), plus:
+# formats OpenCV reads and Pillow does not (Radiance HDR, OpenEXR where OpenCV has it, ...),
+# decoded by OpenCV as the original cv2.imread loader did;
+OPENCV_EXTENSIONS = (".hdr", ".pic", ".exr", ".sr", ".ras", ".pxm", ".pfm")
+# and image formats neither reads here, so such files get an error row saying so instead of
+# silently vanishing.
+UNSUPPORTED_IMAGE_EXTENSIONS = (".heic", ".heif", ".avif", ".avifs", ".svg", ".raw", ".cr2",
+                                ".cr3", ".nef", ".arw", ".dng", ".orf", ".rw2", ".jxl", ".exr")
+# Pillow formats that identify a file but hold no picture to decode (video; the HDF5, BUFR,
+# GRIB and WMF stubs are recognised by their class).
+NOT_PICTURE_FORMATS = ("MPEG",)
+# Formats Pillow opens through another format's plugin (camera .mpo files are JPEGs).
+PILLOW_OPENED_AS = {"MPO": "JPEG"}
 LABEL_COLUMNS = ("impurity", "label")
 
 
@@ -97,51 +109,164 @@ def _decode_png_opencv(path: Path) -> np.ndarray | None:
     return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
+# --------------------------------------------------------------------------------------------
+# What decoders say about a file: Python warnings and C libraries' stderr, kept for its row
+# --------------------------------------------------------------------------------------------
+
+class _CStderrCapture:
+    """fd 2 goes to a temporary file while a decode runs in this process, so what libtiff,
+    libpng (inside OpenCV) or libjpeg print about one file can go into that file's row instead
+    of the terminal.
+
+    fd 2 is one per process, not per thread: decoding threads share one redirection (counted),
+    and the bytes written during a decode belong to it only if no other decode ran meanwhile.
+    When they came during an overlap, the caller decodes that file again alone (exclusive):
+    decoders say the same about the same bytes. POSIX only (os.pread); on Windows the C
+    runtime of each DLL keeps its own stderr, so fd 2 would not catch them anyway."""
+
+    def __init__(self):
+        self._reset()
+        if hasattr(os, "register_at_fork"):
+            # A forked DataLoader worker starts with no decode running and a file of its own.
+            os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self):
+        self.cond = threading.Condition()
+        self.fd, self.saved = None, None
+        self.active = self.started = 0
+        self.exclusive = self.exclusive_waiting = False
+
+    @contextlib.contextmanager
+    def __call__(self, exclusive: bool = False):
+        result = {"text": "", "alone": True}
+        if not hasattr(os, "pread"):
+            yield result
+            return
+        with self.cond:
+            if self.fd is None:
+                handle, name = tempfile.mkstemp(prefix="crbl-decoder-")
+                # O_APPEND: C libraries write at the end even after the file was emptied.
+                self.fd = os.open(name, os.O_RDWR | os.O_APPEND)
+                os.close(handle)
+                os.unlink(name)
+            self.exclusive_waiting |= exclusive
+            while (self.exclusive or (self.exclusive_waiting and not exclusive)
+                   or (exclusive and self.active)):
+                self.cond.wait()
+            if exclusive:
+                self.exclusive, self.exclusive_waiting = True, False
+            if self.active == 0:
+                sys.stderr.flush()
+                try:
+                    self.saved = os.dup(2)
+                    os.dup2(self.fd, 2)
+                except OSError:  # no fd 2 (a daemon closed it): nothing to keep off a terminal
+                    self.saved = None
+            self.active += 1
+            self.started += 1
+            ticket, alone, start = self.started, self.active == 1, os.fstat(self.fd).st_size
+        try:
+            yield result
+        finally:
+            with self.cond:
+                end = os.fstat(self.fd).st_size
+                result["alone"] = alone and self.started == ticket
+                result["text"] = os.pread(self.fd, end - start, start).decode("utf-8", "replace")
+                self.active -= 1
+                self.exclusive = self.exclusive and not exclusive
+                if self.active == 0:
+                    if self.saved is not None:
+                        os.dup2(self.saved, 2)
+                        os.close(self.saved)
+                    os.ftruncate(self.fd, 0)  # O_APPEND: the next writes start at 0 again
+                self.cond.notify_all()
+
+
+_c_stderr = _CStderrCapture()
+
+
+def _decode_with_messages(decode):
+    """decode() -> result, run with the C libraries' stderr captured; returns (result, text).
+    Decoded once more alone when another thread decoded at the same time and something was
+    printed, so that the text is this file's own."""
+    with _c_stderr() as captured:
+        result = decode()
+    if captured["text"] and not captured["alone"]:
+        with _c_stderr(exclusive=True) as captured:
+            result = decode()
+    return result, captured["text"]
+
+
+def _messages(warned: list[str], c_text: str, limit: int = 5) -> list[str]:
+    """One short line per distinct message, at most `limit` (then how many more)."""
+    lines = []
+    for line in [*warned, *c_text.splitlines()]:
+        # Pillow hands files to libtiff under the name "tempfile.tif"; the row names the file.
+        line = line.strip().removeprefix("tempfile.tif: ")[:160]
+        if line and line not in lines:
+            lines.append(line)
+    return lines[:limit] + ([f"... {len(lines) - limit} more"] if len(lines) > limit else [])
+
+
+# --------------------------------------------------------------------------------------------
+# Which decoder: Pillow's formats in a fixed order, OpenCV for what Pillow does not know
+# --------------------------------------------------------------------------------------------
+
+_PILLOW_ORDER: tuple[str, ...] = ()
+
+
+def _pillow_formats(path: Path) -> tuple[str, ...]:
+    """The Pillow formats to try for path, in an order that depends on the file alone.
+
+    Pillow tries its formats in the order their plugins were imported, and imports a plugin the
+    first time a file with its extension is opened: after one .tga, TGA (which has no signature
+    check) came before ICO and claimed valid .ico files as 32 x 19140 images. So every plugin is
+    imported up front (Image.init) and the order is fixed here: formats that check a signature
+    first, the file's own extension's format leading, then the few that accept any bytes."""
+    global _PILLOW_ORDER
+    from PIL import Image
+    if not _PILLOW_ORDER:
+        Image.init()
+        checked = sorted(f for f in Image.ID if Image.OPEN[f][1] is not None)
+        _PILLOW_ORDER = tuple(checked + sorted(f for f in Image.ID if Image.OPEN[f][1] is None))
+    own = Image.registered_extensions().get(path.suffix.lower())
+    if own not in _PILLOW_ORDER:
+        return _PILLOW_ORDER
+    rest = [f for f in _PILLOW_ORDER if f != own]
+    if Image.OPEN[own][1] is None:  # e.g. TGA: only after every format with a signature
+        at = len([f for f in rest if Image.OPEN[f][1] is not None])
+        return tuple(rest[:at] + [own] + rest[at:])
+    return (own, *rest)
+
+
 _PILLOW_WARNINGS_LOCK = threading.Lock()
 
 
-def _open_decoded(path: Path):
-    """Pillow image fully decoded, EXIF orientation applied; ImageError for every bad file."""
+def _pillow_decode(path: Path, warned: list[str]):
+    """Pillow image fully decoded, EXIF orientation applied; Pillow's exceptions propagate.
+    Its warnings about the file (e.g. "Corrupt EXIF data") are appended to `warned`."""
     from PIL import Image, ImageOps
-    try:
-        # catch_warnings swaps the process-wide filter list: one decoding thread at a time.
-        with _PILLOW_WARNINGS_LOCK, warnings.catch_warnings():
-            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a decompression bomb
-            # that size still takes GBs of memory per DataLoader worker, so refuse it too.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            warnings.simplefilter("ignore", UserWarning)  # palette-transparency notes etc.
-            with Image.open(path) as im:
+    # catch_warnings swaps the process-wide filter list: one decoding thread at a time.
+    with _PILLOW_WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.simplefilter("ignore", DeprecationWarning)  # about Pillow's API, not the file
+        # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a decompression bomb
+        # that size still takes GBs of memory per DataLoader worker, so refuse it too.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path, "r", _pillow_formats(path)) as im:
                 im.load()  # decoded pixels stay valid after the file is closed
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(path, f"image too large (over {Image.MAX_IMAGE_PIXELS} pixels, "
-                               "possible decompression bomb); downscale it first") from None
-    except Image.UnidentifiedImageError:
-        raise ImageError(path, "not an image, or an image format Pillow cannot read "
-                               "(convert it to PNG or JPEG)") from None
-    except Exception as exc:  # untrusted bytes: Pillow raises OSError, SyntaxError, struct.error...
-        detail = str(exc).splitlines()[0][:120] if str(exc) else ""
-        raise ImageError(path, f"corrupt or truncated image data ({type(exc).__name__}: {detail})") from None
-    try:
-        # cv2.imread (the original loader) applies the EXIF orientation tag.
-        im = ImageOps.exif_transpose(im)
-    except Exception:  # a broken EXIF block: OpenCV ignores it as well
-        pass
+            try:
+                # cv2.imread (the original loader) applies the EXIF orientation tag.
+                im = ImageOps.exif_transpose(im)
+            except Exception as exc:  # a broken EXIF block: OpenCV ignores it as well
+                warnings.warn(f"EXIF orientation not applied ({type(exc).__name__}: {exc})")
+        finally:
+            warned += [str(w.message).splitlines()[0] for w in caught if str(w.message)]
     return im
 
 
-def load_rgb_uint8(path: str | os.PathLike) -> np.ndarray:
-    """Decode any image file to (H,W,3) uint8 RGB like cv2.imread(IMREAD_COLOR) (then BGR->RGB):
-    complete PNGs by OpenCV itself where it is installed, everything else by Pillow.
-
-    Grayscale, palette, 1-bit, LA/RGBA (alpha dropped, colours kept as stored) and CMYK become
-    RGB; 16-bit samples keep their high byte, as OpenCV's `>> 8` conversion does.
-    """
-    path = Path(path)
-    _check_file(path)
-    rgb = _decode_png_opencv(path)
-    if rgb is not None:
-        return rgb
-    im = _open_decoded(path)
+def _pillow_to_rgb(im, path: Path) -> np.ndarray:
     if im.mode.startswith("I;16") or im.mode == "I":
         grey = (np.asarray(im).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8)
         return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
@@ -154,6 +279,184 @@ def load_rgb_uint8(path: str | os.PathLike) -> np.ndarray:
         except ValueError as exc:
             raise ImageError(path, f"unsupported colour mode {im.mode} ({exc})") from None
     return np.array(im, dtype=np.uint8)
+
+
+# Signatures of formats OpenCV reads and Pillow does not: Radiance HDR (.hdr, .pic), OpenEXR.
+OPENCV_ONLY_SIGNATURES = (b"#?RADIANCE", b"#?RGBE", b"v/1\x01")
+
+
+def _decode_opencv_any(path: Path) -> np.ndarray | None:
+    """(H,W,3) RGB by cv2.imdecode for a format only OpenCV reads (what the original cv2.imread
+    loader read); None if it cannot. Not for anything else Pillow rejects: OpenCV returns an
+    image even when its libtiff says it cannot decode the strips."""
+    cv2 = _opencv()
+    if cv2 is None or not _head(path, 16).startswith(OPENCV_ONLY_SIGNATURES):
+        return None
+    try:
+        bgr = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error:
+        return None
+    return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _decode(path: Path) -> tuple[np.ndarray | None, BaseException | None, list[str]]:
+    """(RGB or None, the exception that stopped it or None, Python warnings) of one attempt."""
+    from PIL import Image
+    warned: list[str] = []
+    try:
+        rgb = _decode_png_opencv(path)
+        if rgb is None:
+            try:
+                rgb = _pillow_to_rgb(_pillow_decode(path, warned), path)
+            except Image.UnidentifiedImageError:
+                rgb = _decode_opencv_any(path)
+                if rgb is None:
+                    raise
+        return rgb, None, warned
+    except Exception as exc:  # untrusted bytes: Pillow raises OSError, SyntaxError, struct.error...
+        return None, exc, warned
+
+
+def load_rgb_uint8(path: str | os.PathLike, notes: list[str] | None = None) -> np.ndarray:
+    """Decode any image file to (H,W,3) uint8 RGB like cv2.imread(IMREAD_COLOR) (then BGR->RGB):
+    complete PNGs by OpenCV itself where it is installed, everything else by Pillow, and what
+    Pillow does not recognise by OpenCV again.
+
+    Grayscale, palette, 1-bit, LA/RGBA (alpha dropped, colours kept as stored) and CMYK become
+    RGB; 16-bit samples keep their high byte, as OpenCV's `>> 8` conversion does.
+    What the decoders warned or printed about the file is appended to `notes`; for a file that
+    cannot be used it is part of the ImageError's reason.
+    """
+    path = Path(path)
+    _check_file(path)
+    (rgb, exc, warned), c_text = _decode_with_messages(lambda: _decode(path))
+    messages = _messages(warned, c_text)
+    if exc is not None:
+        if isinstance(exc, ImageError):
+            raise exc
+        reason = explain_failure(path, exc, c_text)
+        if messages:
+            reason += f" [decoder said: {'; '.join(messages)}]"
+        raise ImageError(path, reason) from None
+    if notes is not None:
+        notes += messages
+    return rgb
+
+
+# --------------------------------------------------------------------------------------------
+# Why a file cannot be used, in words a user can act on
+# --------------------------------------------------------------------------------------------
+
+# TIFF compression codes (libtiff's tiff.h) that libtiff may be built without, or never reads.
+TIFF_COMPRESSIONS = {5: "LZW", 6: "old-style JPEG", 7: "JPEG", 8: "Deflate", 9: "JBIG (T.85)",
+                     10: "JBIG2 (T.43)", 32946: "Deflate", 34661: "JBIG", 34676: "SGILog",
+                     34677: "SGILog24", 34712: "JPEG 2000", 34887: "LERC", 34925: "LZMA",
+                     50000: "Zstandard", 50001: "WebP", 50002: "JPEG XL"}
+CONVERT_HINT = "convert it to PNG or JPEG"
+
+
+def explain_failure(path: Path, exc: BaseException, c_text: str = "") -> str:
+    """The reason a decoder gave up on path, naming a missing codec or library as that and
+    saying what the file is when it is not an image at all."""
+    from PIL import Image
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return (f"image too large (over {Image.MAX_IMAGE_PIXELS} pixels, possible decompression "
+                "bomb); downscale it first")
+    detail = str(exc).splitlines()[0][:120] if str(exc) else ""
+    head = _head(path)
+    said = f"{detail} {c_text}".lower()
+    if "ghostscript" in said:
+        return ("EPS/PostScript image: Pillow reads it through Ghostscript, which is not "
+                "installed; install Ghostscript (gs on the PATH; Windows: gswin64c) or " + CONVERT_HINT)
+    if head[:4] in (b"II*\0", b"MM\0*"):
+        missing = _tiff_missing_codec(path, said)
+        if missing:
+            return missing
+    if isinstance(exc, Image.UnidentifiedImageError):
+        return not_an_image(head)
+    if _document_kind(head):  # e.g. HDF5: Pillow identifies it, with a stub and no decoder
+        return f"not an image: the file is {_document_kind(head)}"
+    stub = re.match(r"cannot find loader for this (\S+) file", detail)
+    if stub:
+        return (f"a {stub.group(1)} file: Pillow identifies the format but has no decoder for it "
+                f"here; {CONVERT_HINT}")
+    return f"corrupt or truncated image data ({type(exc).__name__}: {detail})"
+
+
+def _head(path: Path, size: int = 512) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(size)
+    except OSError:
+        return b""
+
+
+def _tiff_missing_codec(path: Path, said: str) -> str | None:
+    """A TIFF's compression as the cause, when libtiff said it lacks the codec or Pillow does
+    not know the compression at all; None when the file is simply damaged."""
+    from PIL import TiffImagePlugin
+    try:
+        with open(path, "rb") as f:
+            ifd = TiffImagePlugin.ImageFileDirectory_v2(f.read(8))
+            f.seek(ifd.next)
+            ifd.load(f)
+        code = int(ifd.get(259, 1))
+    except Exception:
+        return None
+    name = TIFF_COMPRESSIONS.get(code, f"code {code}")
+    if "not configured" in said or "not implemented" in said or "unknown compression" in said:
+        # libtiff: "WEBP compression support is not configured."
+        return (f"TIFF with {name} compression: the libtiff inside the installed Pillow was built "
+                f"without the {name} codec (the file itself may be fine); {CONVERT_HINT} with a "
+                "program that reads it, or install a Pillow build whose libtiff has it")
+    if code not in TiffImagePlugin.COMPRESSION_INFO:
+        return (f"TIFF with {name} compression, which Pillow does not support (the file itself "
+                f"may be fine); {CONVERT_HINT} with a program that reads it")
+    return None
+
+
+def _document_kind(head: bytes) -> str | None:
+    """What a file that is no image is, from its signature; None if it has none of these."""
+    documents = ((head[:5] == b"%PDF-", "a PDF document"),
+                 (head[:4] == b"PK\x03\x04", "a ZIP archive (or an Office document)"),
+                 (head[:2] == b"\x1f\x8b", "a gzip archive"),
+                 (head[:4] == b"Rar!" or head[:6] == b"7z\xbc\xaf\x27\x1c", "a RAR/7-Zip archive"),
+                 (head[4:8] == b"ftyp" and head[8:12] not in _ISO_IMAGE_BRANDS,
+                  "an MP4/QuickTime video or other ISO media file"),
+                 (head[:4] == b"\x89HDF", "an HDF5 file (Keras weights?)"))
+    return next((what for found, what in documents if found), None)
+
+
+_ISO_IMAGE_BRANDS = (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis")
+
+
+def not_an_image(head: bytes) -> str:
+    """What a file Pillow and OpenCV do not recognise is, from its first bytes, if easy to tell."""
+    brand = head[8:12] if head[4:8] == b"ftyp" else b""
+    images = (
+        (brand in _ISO_IMAGE_BRANDS[:7], "HEIC/HEIF image (iPhone photos)", "install pillow-heif, or "),
+        (brand in (b"avif", b"avis"), "AVIF image", "install a Pillow with AVIF support, or "),
+        (head[:2] == b"\xff\x0a" or head[4:12] == b"JXL \r\n\x87\n", "JPEG XL image", ""),
+        (head[:4] == b"v/1\x01", "OpenEXR image", "install an OpenCV built with OpenEXR, or "),
+        (head.startswith((b"#?RADIANCE", b"#?RGBE")), "Radiance HDR image", ""),
+    )
+    for found, what, fix in images:
+        if found:
+            return f"{what}, which the installed Pillow and OpenCV cannot read; {fix}{CONVERT_HINT}"
+    what = _document_kind(head)
+    if what is None and head and b"\0" not in head:
+        text = head.decode("utf-8", "replace").lstrip("\ufeff").lstrip().lower()
+        if text.startswith(("<!doctype html", "<html")):
+            what = "an HTML page (a web page saved under an image name?)"
+        elif "<svg" in text:
+            what = "an SVG drawing (vector graphics); rasterise it to PNG first"
+        elif text.startswith("<?xml"):
+            what = "an XML file"
+        elif sum(c.isprintable() or c in "\r\n\t" for c in text) >= 0.95 * len(text):
+            what = "a text file"
+    if what is not None:
+        return f"not an image: the file is {what}"
+    return f"not an image, or an image format Pillow and OpenCV cannot read ({CONVERT_HINT})"
 
 
 def resize_cubic_uint8(img: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
@@ -203,10 +506,12 @@ def _opencv():
     return _cv2 or None
 
 
-def preprocess_image(path: str | os.PathLike, image_size: int) -> torch.Tensor:
+def preprocess_image(path: str | os.PathLike, image_size: int, notes: list[str] | None = None
+                     ) -> torch.Tensor:
     """THE preprocessing of CRBL-PyTorch: float32 (3,S,S) RGB in [0,1] = uint8 / 255 (a view of
-    the (S,S,3) array, as torch's `.permute(2, 0, 1).float()` gives it)."""
-    img = resize_cubic_uint8(load_rgb_uint8(path), image_size)
+    the (S,S,3) array, as torch's `.permute(2, 0, 1).float()` gives it). What the decoders said
+    about the file is appended to `notes` (load_rgb_uint8)."""
+    img = resize_cubic_uint8(load_rgb_uint8(path, notes), image_size)
     # numpy's float32 division equals torch's bit for bit (all 256 values) and, in a decoding
     # thread, runs without the GIL and without an OpenMP team of its own.
     return torch.from_numpy(np.divide(img, np.float32(255.0), dtype=np.float32)).permute(2, 0, 1)
@@ -286,24 +591,70 @@ def read_manifest(csv_path: str | os.PathLike, image_dir: str | os.PathLike | No
     return samples
 
 
-def scan_folder(folder: str | os.PathLike) -> tuple[list[Sample], int]:
-    """Image files under folder (recursive, sorted), and how many other files were skipped.
+def _pillow_decodes(fmt: str) -> bool:
+    from PIL import Image, ImageFile
+    factory = Image.OPEN.get(PILLOW_OPENED_AS.get(fmt, fmt), (None,))[0]
+    stub = isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)
+    return factory is not None and not stub and fmt not in NOT_PICTURE_FORMATS
 
-    Hidden files and folders (".*", e.g. macOS "._x.jpg" resource forks) are skipped.
-    """
+
+@functools.lru_cache(maxsize=1)
+def image_extensions() -> frozenset[str]:
+    """Lower-case extensions a folder scan picks up: every one the installed Pillow decodes
+    (.mpo, .dds, .qoi, .pcx, .sgi/.rgb/.bw, .blp, .icns, .cur, .xpm, .fli/.flc, .apng, ...),
+    OPENCV_EXTENSIONS and UNSUPPORTED_IMAGE_EXTENSIONS."""
+    from PIL import Image
+    Image.init()
+    pillow = {ext for ext, fmt in Image.registered_extensions().items() if _pillow_decodes(fmt)}
+    return frozenset(pillow | set(OPENCV_EXTENSIONS) | set(UNSUPPORTED_IMAGE_EXTENSIONS))
+
+
+def _skip_reason(name: str) -> str | None:
+    """Why a folder scan leaves this file name out, or None to pick it up."""
+    from PIL import Image
+    if name.startswith("."):
+        return "hidden file"
+    suffix = os.path.splitext(name)[1].lower()
+    if suffix in image_extensions():
+        return None
+    fmt = Image.registered_extensions().get(suffix)
+    if fmt is not None:
+        return f"{suffix}: a {fmt} file, which Pillow identifies but cannot decode here"
+    return f"{suffix or 'no extension'}: not an image extension"
+
+
+def scan_folder(folder: str | os.PathLike) -> tuple[list[Sample], list[tuple[str, str]]]:
+    """Image files under folder (recursive, sorted), and every file left out as
+    (path relative to folder, reason): other extensions, hidden files ("._x.jpg" macOS
+    resource forks) and hidden folders, which are not searched (".git/" is one entry)."""
     folder = Path(folder)
-    samples, skipped = [], 0
+    samples, skipped = [], []
     for dirpath, dirnames, filenames in os.walk(folder):
+        here = Path(dirpath)
+        skipped += [((here / d).relative_to(folder).as_posix() + "/", "hidden folder, not searched")
+                    for d in sorted(dirnames) if d.startswith(".")]
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
-            suffix = os.path.splitext(name)[1].lower()
-            if name.startswith(".") or suffix not in IMAGE_EXTENSIONS + UNSUPPORTED_IMAGE_EXTENSIONS:
-                skipped += 1
-                continue
-            path = Path(dirpath) / name
-            samples.append(Sample(path, path.relative_to(folder).as_posix(), None))
+            relative = (here / name).relative_to(folder)
+            reason = _skip_reason(name)
+            if reason is None:
+                samples.append(Sample(here / name, relative.as_posix(), None))
+            else:
+                skipped.append((relative.as_posix(), reason))
     samples.sort(key=lambda s: s.path.relative_to(folder).parts)  # folder by folder, like `ls -R`
     return samples, skipped
+
+
+def describe_skipped(skipped: Sequence[tuple[str, str]], examples: int = 3) -> str:
+    """One line per reason: how many files, and a few of their names."""
+    by_reason: dict[str, list[str]] = {}
+    for path, reason in skipped:
+        by_reason.setdefault(reason, []).append(path)
+    lines = []
+    for reason, paths in sorted(by_reason.items(), key=lambda item: -len(item[1])):
+        more = f" and {len(paths) - examples} more" if len(paths) > examples else ""
+        lines.append(f"  {len(paths)} × {reason} (e.g. {', '.join(paths[:examples])}{more})")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,21 +663,24 @@ def scan_folder(folder: str | os.PathLike) -> tuple[list[Sample], int]:
 
 class TestDataset(Dataset):
     """Inference/validation items `(image (3,S,S), index, error)`: a bad image yields zeros and
-    the reason instead of raising, so one broken file never kills a batch."""
+    the reason instead of raising, so one broken file never kills a batch. With `notes`, items
+    are `(image, index, error, note)`: note is what the decoders said about a usable file."""
     __test__ = False  # not a pytest test class
 
-    def __init__(self, samples: Sequence[Sample], image_size: int):
-        self.samples, self.image_size = list(samples), int(image_size)
+    def __init__(self, samples: Sequence[Sample], image_size: int, notes: bool = False):
+        self.samples, self.image_size, self.notes = list(samples), int(image_size), notes
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
+    def __getitem__(self, index: int) -> tuple:
+        notes: list[str] = []
         try:
-            image = preprocess_image(self.samples[index].path, self.image_size)
+            image = preprocess_image(self.samples[index].path, self.image_size, notes)
+            error = ""
         except ImageError as exc:
-            return torch.zeros(3, self.image_size, self.image_size), index, exc.reason
-        return image, index, ""
+            image, error = torch.zeros(3, self.image_size, self.image_size), exc.reason
+        return (image, index, error, "; ".join(notes)) if self.notes else (image, index, error)
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int, str]]:
         """A batch's items (DataLoader asks for them at once). Without worker processes, as on the
@@ -342,10 +696,36 @@ def _decode_pool(threads: int) -> ThreadPoolExecutor:
     return thread_pool("crbl-decode", threads)
 
 
-def worker_init(_worker_id: int) -> None:
-    # Each DataLoader worker decodes one image at a time; torch's default intra-op threads per
-    # worker would oversubscribe the cores the model needs.
+def before_workers_start() -> None:
+    """Call before DataLoader worker processes start: OpenCV on one thread in this process,
+    so that forked workers inherit that. cv2.setNumThreads in a forked worker can wait forever
+    on a lock of the parent's OpenCV thread pool (seen in the test suite); in the parent it is
+    safe. The parent decodes nothing while workers do."""
+    cv2 = _opencv()
+    if cv2 is not None:
+        cv2.setNumThreads(1)
+
+
+def worker_init(_worker_id: int, below_model: bool = False) -> None:
+    """DataLoader worker_init_fn; below_model (the CPU runs the model): lowest priority.
+
+    Each worker decodes and resizes one image at a time on one thread: torch's and OpenCV's
+    default thread pools per worker oversubscribed the cores the model needs (2 cores,
+    --workers 2: 70.6 s against 18.5-27 s without workers for the same folder). On the CPU the
+    model's OpenMP threads need every core at once: a worker that takes one of them stalls the
+    other at the next barrier, so there workers only get what the model leaves idle (nice 19).
+    """
     torch.set_num_threads(1)
+    cv2 = _opencv()
+    if cv2 is not None and cv2.getNumThreads() != 1:  # a spawned worker (Windows, macOS)
+        cv2.setNumThreads(1)
+    if below_model and hasattr(os, "nice"):  # POSIX; Windows has no per-process nice
+        os.nice(19)
+
+
+def worker_init_for(device) -> Any:
+    """worker_init for loaders feeding a model on get_device()'s device."""
+    return functools.partial(worker_init, below_model=device.kind == "cpu")
 
 
 def auto_workers(device) -> int:
@@ -412,16 +792,20 @@ def save_metric_plots(labels: Sequence[int], scores: Sequence[float], threshold:
         written.append(path)
 
     if len(np.unique(y)) == 2:
+        from sklearn.metrics import average_precision_score, roc_auc_score
         fpr, tpr, _ = roc_curve(y, s)
         fig, ax = plt.subplots(figsize=(5, 5))
         ax.plot(fpr, tpr)
         ax.plot([0, 1], [0, 1], ":", color="grey")
-        ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
+        ax.set(xlabel="false positive rate", ylabel="true positive rate",
+               title=f"ROC (AUROC {roc_auc_score(y, s):.4f}, {len(y)} images)")
         save(fig, "roc")
         precision, recall, _ = precision_recall_curve(y, s)
         fig, ax = plt.subplots(figsize=(5, 5))
         ax.plot(recall, precision)
-        ax.set(xlabel="recall", ylabel="precision", title="Precision-recall")
+        ax.set(xlabel="recall", ylabel="precision",
+               title=f"Precision-recall (AP {average_precision_score(y, s):.4f}, "
+                     f"{int(y.sum())} anomalies)")
         save(fig, "pr")
     fig, ax = plt.subplots(figsize=(6, 4))
     bins = np.linspace(0, 1, 51)
@@ -453,7 +837,7 @@ def scan_class_folders(root: str | os.PathLike) -> list[Sample]:
     if not root.is_dir():
         raise CRBLError(f"{root}: folder not found")
     loose = [p.name for p in sorted(root.iterdir())
-             if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+             if p.is_file() and _skip_reason(p.name) is None]
     if loose:
         raise CRBLError(f"{root}: {len(loose)} images (e.g. {loose[0]}) lie outside class folders; "
                         f"move them into {root}/good/ (normal) or {root}/<defect name>/ (anomaly)")
@@ -521,12 +905,14 @@ def check_labelled(samples: Sequence[Sample], what: str) -> None:
 
 
 def verify_images(samples: Sequence[Sample], what: str, where=None, max_bad_fraction: float = 0.05,
-                  progress: bool = True) -> tuple[list[Sample], list[str]]:
+                  progress: bool = True, noted: list[str] | None = None
+                  ) -> tuple[list[Sample], list[str]]:
     """Decode every image once before training, so no file fails mid-epoch.
 
     Missing files are an error (a wrong path or --image-dir). Unreadable files are dropped and
     returned as warnings, unless they are more than max_bad_fraction of the set.
     where(i) names sample i for messages (e.g. "train.csv row 7"); default its path.
+    noted: gets "where: what the decoder warned" for usable images it warned about.
     """
     from tqdm import tqdm
     where = where or (lambda i: str(samples[i].path))
@@ -538,12 +924,15 @@ def verify_images(samples: Sequence[Sample], what: str, where=None, max_bad_frac
     good, bad = [], []
     for i, sample in enumerate(tqdm(samples, desc=f"checking {what}", unit="img", leave=False,
                                     disable=not progress)):
+        notes: list[str] = []
         try:
-            load_rgb_uint8(sample.path)
+            load_rgb_uint8(sample.path, notes)
         except ImageError as exc:
             bad.append(f"{where(i)}: {exc.reason}")
             continue
         good.append(sample)
+        if notes and noted is not None:
+            noted.append(f"{where(i)}: {'; '.join(notes)}")
     if len(bad) > max_bad_fraction * len(samples):
         raise CRBLError(f"{what}: {len(bad)} of {len(samples)} images are unreadable, first "
                         f"{bad[0]}; fix or remove them")

@@ -5,9 +5,12 @@
     python inference_CRBL_pytorch_directml.py --weights crbl.pth --input one.jpg --model-type crop --device cpu
 
 --input is one image, a folder (recursive) or a CSV manifest (`image_path`, optional `impurity`).
+A folder scan picks up every image format the installed Pillow (and OpenCV) reads; the files it
+leaves out are counted by reason (--list-skipped names them all).
 The output CSV (UTF-8 with BOM, so Excel shows Korean names) gets one row per input image, in
-input order, written as it goes: image_path, score, prediction, label, error. With labels it
-also writes <output>_metrics.json and <output>_roc.png, _pr.png, _hist.png.
+input order, written as it goes: image_path, score, prediction, label, error (why it was not
+scored), note (what a decoder warned about a scored file). With labels it also writes
+<output>_metrics.json and <output>_roc.png, _pr.png, _hist.png.
 Exit status: 0 done; 1 some images failed and --strict was given; 2 user error; 130 interrupted.
 """
 from __future__ import annotations
@@ -22,17 +25,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from torch.utils.data import DataLoader
+try:
+    import torch
+    from torch.utils.data import DataLoader
 
-from dataset_pytorch_directml import (IMAGE_EXTENSIONS, Sample, TestDataset, auto_workers,
-                                      compute_metrics, read_manifest, save_metric_plots,
-                                      scan_folder, worker_init)
-from fast_paths_pytorch_directml import prepare_for_inference
-from model_pytorch_directml import (MODEL_TYPE_THRESHOLDS, CRBLError, get_device, load_model,
-                                    resolve_threshold)
+    from dataset_pytorch_directml import (Sample, TestDataset, auto_workers, before_workers_start,
+                                          compute_metrics, describe_skipped, read_manifest,
+                                          save_metric_plots, scan_folder, worker_init_for)
+    from fast_paths_pytorch_directml import prepare_for_inference
+    from model_pytorch_directml import (MODEL_TYPE_THRESHOLDS, CRBLError, HelpFormatter,
+                                        get_device, load_model, resolve_threshold)
+except ModuleNotFoundError as exc:  # a Python without the requirements, e.g. outside the venv
+    from setup_amd_gpu_directml import exit_missing_module
+    exit_missing_module(exc)
 
-OUTPUT_COLUMNS = ("image_path", "score", "prediction", "label", "error")
+OUTPUT_COLUMNS = ("image_path", "score", "prediction", "label", "error", "note")
 # Images fetched at once without DataLoader workers (make_loader). At batch 1 on 2 cores, 8 took
 # the scoring loop from 0.84 to 0.89 of the model-only speed at 224 px and from 0.87 to 0.93 at
 # 128 px (medians of 6 paired rounds in one process); 16 or 32 were no better.
@@ -41,19 +48,20 @@ DECODE_AHEAD = 8
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     usage="%(prog)s --weights PTH --input PATH [options]",
+                                     formatter_class=HelpFormatter)
     io = parser.add_argument_group("input and output")
     io.add_argument("--weights", required=True, help="CRBL checkpoint (.pth) from training or "
                     "convert_h5_to_pth.py")
     io.add_argument("--input", required=True, help="an image, a folder (searched recursively) or "
                     "a CSV manifest with image_path and optional impurity/label")
     io.add_argument("--image-dir", default=None, help="folder the CSV's image_path values are "
-                    "relative to; None = the CSV's folder")
+                    "relative to (default: the CSV's own folder)")
     io.add_argument("--output", default="predictions.csv", help="output CSV; metrics and plots "
                     "go beside it when labels are known")
     decision = parser.add_argument_group("decision")
     decision.add_argument("--threshold", type=float, default=None, help="anomaly if score >= "
-                          "threshold; None = the checkpoint's (chosen on validation), else 0.5")
+                          "threshold (default: the checkpoint's, chosen on validation; else 0.5)")
     decision.add_argument("--model-type", choices=sorted(MODEL_TYPE_THRESHOLDS), default=None,
                           help="use the original threshold preset (crop 0.01, full 0.5) "
                           "instead of the checkpoint's")
@@ -72,6 +80,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     runtime.add_argument("--strict", action="store_true", help="exit with status 1 when any "
                          "image could not be scored")
     runtime.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    runtime.add_argument("--list-skipped", action="store_true", help="name every file a folder "
+                         "scan left out, with the reason (default: a count per reason and a few "
+                         "names)")
     return parser.parse_args(argv)
 
 
@@ -101,13 +112,29 @@ def collect_samples(args) -> list[Sample]:
         samples = read_manifest(source, args.image_dir)
     elif source.is_dir():
         samples, skipped = scan_folder(source)
-        if skipped:
-            print(f"skipped {skipped} non-image files under {source}")
+        report_skipped(skipped, source, args.list_skipped)
     else:
         samples = [Sample(source, args.input, None)]
     if not samples:
-        raise CRBLError(f"--input {source}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        raise CRBLError(f"--input {source}: no images found (no file with an image extension "
+                        "such as .png, .jpg, .tif, .bmp)")
     return samples
+
+
+def report_skipped(skipped, source: Path, list_all: bool) -> None:
+    """Every file the scan left out is accounted for: a count per reason, or each one."""
+    if not skipped:
+        return
+    print(f"skipped {plural(len(skipped), 'file')} under {source} (not scored, no row):")
+    if list_all:
+        for path, reason in skipped:
+            print(f"  {path}: {reason}")
+    else:
+        print(describe_skipped(skipped) + "\n  (--list-skipped names them all)")
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 def compile_now(runner, device, batch_size: int) -> None:
@@ -137,26 +164,31 @@ def make_loader(samples, image_size: int, args, device) -> DataLoader:
     fetch = args.batch_size
     if not workers:
         fetch *= math.ceil(max(DECODE_AHEAD, torch.get_num_threads()) / args.batch_size)
-    return DataLoader(TestDataset(samples, image_size), batch_size=fetch, shuffle=False,
-                      num_workers=workers, worker_init_fn=worker_init if workers else None,
+    else:
+        before_workers_start()
+    return DataLoader(TestDataset(samples, image_size, notes=True), batch_size=fetch, shuffle=False,
+                      num_workers=workers,
+                      worker_init_fn=worker_init_for(device) if workers else None,
                       pin_memory=device.cuda_like)
 
 
 def model_batches(loader: DataLoader, batch_size: int):
     """The loader's batches split into forwards of batch_size images (the model sees the
     batches it was asked for; each image's probability does not depend on its batch anyway)."""
-    for images, indices, errors in loader:
+    for images, indices, errors, notes in loader:
         for start in range(0, len(indices), batch_size):
             end = start + batch_size
-            yield images[start:end], indices[start:end], errors[start:end]
+            yield images[start:end], indices[start:end], errors[start:end], notes[start:end]
 
 
-def score_to_csv(runner, samples, args, device, threshold) -> tuple[list[float | None], list[str]]:
+def score_to_csv(runner, samples, args, device, threshold
+                 ) -> tuple[list[float | None], list[str], list[str]]:
     """Score every sample, appending its CSV row batch by batch; returns scores (None where
-    the image failed) and error reasons."""
+    the image failed), error reasons and decoder notes."""
     from tqdm import tqdm
     scores: list[float | None] = [None] * len(samples)
     errors: list[str] = [""] * len(samples)
+    notes: list[str] = [""] * len(samples)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     loader = make_loader(samples, runner.model.config.image_size, args, device)
@@ -165,26 +197,27 @@ def score_to_csv(runner, samples, args, device, threshold) -> tuple[list[float |
             torch.inference_mode():
         writer = csv.writer(f)
         writer.writerow(OUTPUT_COLUMNS)
-        for images, indices, batch_errors in model_batches(loader, args.batch_size):
+        for images, indices, batch_errors, batch_notes in model_batches(loader, args.batch_size):
             good = [i for i, err in enumerate(batch_errors) if not err]
             if good:
                 x = images[good].to(device.device, non_blocking=device.cuda_like)
                 probs = torch.sigmoid(runner(x)).flatten().cpu()  # one read per batch
                 for i, p in zip(good, probs.tolist()):
                     scores[int(indices[i])] = p
-            for index, err in zip(indices.tolist(), batch_errors):
-                errors[index] = err
-                writer.writerow(output_row(samples[index], scores[index], threshold, err))
+            for index, err, note in zip(indices.tolist(), batch_errors, batch_notes):
+                errors[index], notes[index] = err, note
+                writer.writerow(output_row(samples[index], scores[index], threshold, err, note))
             f.flush()  # a crash or Ctrl-C keeps every finished batch
             bar.update(len(indices))
-    return scores, errors
+    return scores, errors, notes
 
 
-def output_row(sample: Sample, score: float | None, threshold: float, error: str) -> list:
+def output_row(sample: Sample, score: float | None, threshold: float, error: str, note: str = ""
+               ) -> list:
     label = "" if sample.label is None else sample.label
     if score is None:
-        return [sample.image_path, "", "", label, error]
-    return [sample.image_path, repr(score), int(score >= threshold), label, ""]
+        return [sample.image_path, "", "", label, error, ""]
+    return [sample.image_path, repr(score), int(score >= threshold), label, "", note]
 
 
 def report_metrics(samples, scores, threshold, threshold_source, args) -> None:
@@ -213,19 +246,32 @@ def report_metrics(samples, scores, threshold, threshold_source, args) -> None:
     print(f"wrote {json_path} and {', '.join(p.name for p in plots)}")
 
 
-def summarize(samples, scores, errors, threshold, threshold_source, seconds, args) -> int:
+def summarize(samples, scores, errors, notes, threshold, threshold_source, seconds, args) -> int:
     scored = [p for p in scores if p is not None]
     failed = len(samples) - len(scored)
     anomalies = sum(p >= threshold for p in scored)
-    print(f"scored {len(scored)} of {len(samples)} images in {seconds:.1f} s "
+    print(f"scored {len(scored)} of {plural(len(samples), 'image')} in {seconds:.1f} s "
           f"({len(samples) / max(seconds, 1e-9):.1f} images/s)")
-    print(f"threshold {threshold:g} from {threshold_source}: {anomalies} anomalies, "
-          f"{len(scored) - anomalies} normal")
+    print(f"threshold {threshold:g} from {threshold_source}: {anomalies} "
+          f"{'anomaly' if anomalies == 1 else 'anomalies'}, {len(scored) - anomalies} normal")
     print(f"wrote {args.output}")
+    noted = sum(bool(n) for n in notes)
+    if noted:
+        print(f"{plural(noted, 'scored image')} got a decoder warning (see the 'note' column)")
     if failed:
-        first = next(f"{s.image_path}: {e}" for s, e in zip(samples, errors) if e)
-        print(f"{failed} images could not be scored (see the 'error' column), e.g. {first}")
+        causes: dict[str, list[str]] = {}
+        for sample, error in zip(samples, errors):
+            if error:
+                causes.setdefault(error_kind(error), []).append(sample.image_path)
+        print(f"{plural(failed, 'image')} could not be scored (see the 'error' column):")
+        for kind, paths in sorted(causes.items(), key=lambda item: -len(item[1])):
+            print(f"  {len(paths)} × {kind} (e.g. {', '.join(paths[:3])})")
     return 1 if failed and args.strict else 0
+
+
+def error_kind(error: str) -> str:
+    """An error reason without its details (file-specific numbers and decoder messages)."""
+    return error.split(" [decoder said:")[0].split(" (")[0].split(";")[0]
 
 
 @dataclass
@@ -253,11 +299,11 @@ def run(args, auto_order: tuple[str, ...] = ("dml", "cuda", "cpu")) -> Run:
         print(f"device {device}; {len(samples)} images at {model.config.image_size} px; "
               f"threshold {threshold:g} ({threshold_source}); {runner.plan}")
         start = time.perf_counter()
-        scores, errors = score_to_csv(runner, samples, args, device, threshold)
+        scores, errors, notes = score_to_csv(runner, samples, args, device, threshold)
         seconds = time.perf_counter() - start
         report_metrics(samples, scores, threshold, threshold_source, args)
-        return Run(summarize(samples, scores, errors, threshold, threshold_source, seconds, args),
-                   seconds)
+        return Run(summarize(samples, scores, errors, notes, threshold, threshold_source, seconds,
+                             args), seconds)
     except CRBLError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return Run(2)

@@ -16,6 +16,7 @@ train_memory_pytorch_directml.py, how inference runs fast in fast_paths_pytorch_
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import math
@@ -52,7 +53,20 @@ WEIGHTS_DIR_ENV = "CRBL_WEIGHTS_DIR"
 
 
 class CRBLError(Exception):
-    """Something the user gave us is wrong; scripts print the message and exit non-zero."""
+    """Something the user gave us is wrong; scripts print the message and exit 2 (as argparse
+    does for a bad option)."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """The scripts' --help: every option's default once, after its help. Not for options whose
+    default is None (their help says what happens then), nor for on/off flags (off unless
+    given), nor where the help names the default itself, e.g. "(default: 128; 64 with --demo)"."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is False or "(default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 # --------------------------------------------------------------------------------------------

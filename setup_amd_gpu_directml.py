@@ -57,6 +57,19 @@ class SetupError(Exception):
     """
 
 
+def exit_missing_module(exc: ModuleNotFoundError) -> None:
+    """For the other scripts, started by a Python that lacks their requirements (a bare
+    `python` outside the project's venv): one line saying which interpreter and what to do,
+    instead of a ModuleNotFoundError traceback; exit status 2 like every user error."""
+    python = sys.executable or "this Python"
+    print(f"error: {python} (Python {platform.python_version()}) has no module "
+          f"'{exc.name}': run the scripts with the project's venv (.venv/bin/python, Windows "
+          f".venv\\Scripts\\python, or activate it first) or install the requirements into "
+          f"this Python: {python} -m pip install -r requirements_directml.txt "
+          "(setup_amd_gpu_directml.py shows the right torch build)", file=sys.stderr)
+    raise SystemExit(2)
+
+
 # --------------------------------------------------------------------------------------------
 # System queries: every outside answer goes through run_command / path_exists / package_version,
 # which the tests replace.
@@ -500,7 +513,10 @@ def verify(preference: str = "auto", image_size: int = 64, auto_order=("dml", "c
         from model_pytorch_directml import CRBLError, get_device
     except Exception as exc:  # ImportError, or OSError from a torch DLL that does not load
         result.problems.append(Problem("error", f"cannot import torch / the CRBL model module "
-                                       f"({type(exc).__name__}: {exc})", "run the install plan above"))
+                                       f"with {sys.executable} ({type(exc).__name__}: {exc})",
+                                       f"`{Path(sys.executable).name} {Path(__file__).name}` prints "
+                                       "the install plan for this Python, --install runs it; or "
+                                       "run this script with the project's venv"))
         return result
     try:
         info = get_device(preference, auto_order=auto_order)
@@ -649,7 +665,7 @@ def print_problems(problems: list[Problem]) -> None:
 # --------------------------------------------------------------------------------------------
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], usage="%(prog)s [options]",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     mode = parser.add_argument_group("mode (pick one; default: --dry-run)")
     only = mode.add_mutually_exclusive_group()

@@ -220,7 +220,7 @@ def next_steps(system: common.SystemInfo, versions: dict, reqs, family: str,
 # --------------------------------------------------------------------------------------------
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], usage="%(prog)s [options]",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     gpu = parser.add_argument_group("GPU")
     gpu.add_argument("--gfx", default="auto",

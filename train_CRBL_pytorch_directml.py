@@ -30,22 +30,28 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
+try:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
 
-from dataset_pytorch_directml import (ClassBalancedBatchSampler, TestDataset, TrainDataset,
-                                      auto_workers, check_labelled, compute_metrics,
-                                      discover_image_folder, make_demo_dataset, preprocess_image,
-                                      read_manifest, stratified_split, train_augmentation,
-                                      verify_images, worker_init)
-from fast_paths_pytorch_directml import keep_freed_memory, prepare_for_inference
-from model_pytorch_directml import (MODEL_TYPE_THRESHOLDS, PRETRAINED_TAGS, CRBLConfig, CRBLError,
-                                    CRBLModel, autocast, find_local_weights, freeze_backbones,
-                                    frozen_batchnorms, get_device, load_checkpoint,
-                                    model_from_checkpoint, place_model, save_checkpoint)
-from train_memory_pytorch_directml import use_lean_head
+    from dataset_pytorch_directml import (ClassBalancedBatchSampler, TestDataset, TrainDataset,
+                                          auto_workers, before_workers_start, check_labelled,
+                                          compute_metrics, discover_image_folder,
+                                          make_demo_dataset, preprocess_image, read_manifest,
+                                          stratified_split, train_augmentation, verify_images,
+                                          worker_init_for)
+    from fast_paths_pytorch_directml import keep_freed_memory, prepare_for_inference
+    from model_pytorch_directml import (MODEL_TYPE_THRESHOLDS, PRETRAINED_TAGS, CRBLConfig,
+                                        CRBLError, CRBLModel, HelpFormatter, autocast,
+                                        find_local_weights, freeze_backbones, frozen_batchnorms,
+                                        get_device, load_checkpoint, model_from_checkpoint,
+                                        place_model, save_checkpoint)
+    from train_memory_pytorch_directml import use_lean_head
+except ModuleNotFoundError as exc:  # a Python without the requirements, e.g. outside the venv
+    from setup_amd_gpu_directml import exit_missing_module
+    exit_missing_module(exc)
 
 # What --demo changes when the flag is not given, so the whole loop runs in minutes on a 2-core
 # CPU: small images, the head alone on fixed backbones (--model-type full), and no class weights,
@@ -61,16 +67,29 @@ BEST_METRICS = {"val_loss": True, "val_auroc": False, "val_ap": False, "val_f1":
 NOT_RESUMED = ("resume", "output_dir")
 
 
+def demo_default(key: str) -> str:
+    """Help text for an option whose default --demo changes."""
+    return f"(default: %(default)s; {DEMO_DEFAULTS[key]} with --demo)"
+
+
+def demo_in_words() -> str:
+    d = DEMO_DEFAULTS
+    return (f"{d['image_size']} px images, batch {d['batch_size']}, {d['epochs']} epochs, "
+            f"--model-type {d['model_type']} (the head alone learns), --class0-prior "
+            f"{d['class0_prior']} (no class weights), --init imagenet if both pretrained "
+            f"backbones are on disk (never downloads) else none, output in {d['output_dir']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], usage="%(prog)s [options]",
+                                     formatter_class=HelpFormatter)
     data = parser.add_argument_group("data (one of --train-csv, --data-dir, --demo)")
     data.add_argument("--train-csv", help="manifest with image_path (relative to --image-dir) and "
                       "impurity or label (0 normal, 1 anomaly)")
     data.add_argument("--val-csv", help="validation manifest (same format); without it "
                       "--val-split of the training data is held out")
     data.add_argument("--image-dir", help="folder the CSV image_path values are relative to "
-                      "(default: each CSV's folder)")
+                      "(default: each CSV's own folder)")
     data.add_argument("--data-dir", help="folder of class folders (good/normal/ok/0/class_0 = "
                       "normal, any other name = anomaly), train/ + test/ of those, or an MVTec AD "
                       "category (train/good, test/<defect>)")
@@ -82,41 +101,52 @@ def build_parser() -> argparse.ArgumentParser:
                       "ceil(training images / batch size)")
     data.add_argument("--no-augment", action="store_true", help="no flips/affine/colour jitter")
     data.add_argument("--demo", action="store_true", help="write a small synthetic defect data set "
-                      f"to OUT/data and train on it (defaults then: {DEMO_DEFAULTS})")
+                      "(textures with scratches, blobs and stains) to <output-dir>/data and train "
+                      f"on it in minutes on a CPU; options not given then default to: {demo_in_words()}")
     model = parser.add_argument_group("model")
     model.add_argument("--init", default="imagenet", help="imagenet (the two pretrained "
                        "backbones of the original), none (random), or a CRBL .pth to fine-tune "
-                       "(its image size and normalisation win)")
+                       "(its image size and normalisation win) (default: %(default)s; with --demo: "
+                       "imagenet if both backbones are on disk, else none)")
     model.add_argument("--weights-dir", help="folder with the backbone files "
                        f"{PRETRAINED_TAGS['imagenet']}.safetensors and "
                        f"{PRETRAINED_TAGS['noisy-student']}.safetensors (offline --init imagenet)")
     model.add_argument("--model-type", choices=sorted(MODEL_TYPE_THRESHOLDS), default="crop",
                        help="crop: Keras layers[:150] of each backbone frozen; full: both "
-                       "backbones frozen, only the head trains")
+                       "backbones frozen, only the head trains " + demo_default("model_type"))
     model.add_argument("--trainable-from", type=int, default=None, help="first trainable Keras "
                        "layer index of each backbone (overrides --model-type; 150 = crop)")
-    model.add_argument("--image-size", type=int, default=128)
+    model.add_argument("--image-size", type=int, default=128, help="square input size in pixels "
+                       "(images are resized to it) " + demo_default("image_size"))
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=30, help="total epochs (a resumed run "
-                       "continues up to this number)")
-    optim.add_argument("--batch-size", type=int, default=32)
-    optim.add_argument("--lr", type=float, default=1e-4)
-    optim.add_argument("--weight-decay", type=float, default=1e-6)
+                       "continues up to this number) " + demo_default("epochs"))
+    optim.add_argument("--batch-size", type=int, default=32, help="images per training step "
+                       + demo_default("batch_size"))
+    optim.add_argument("--lr", type=float, default=1e-4, help="learning rate (AdamW)")
+    optim.add_argument("--weight-decay", type=float, default=1e-6, help="AdamW's decoupled "
+                       "weight decay (Keras' weight_decay)")
     optim.add_argument("--class0-prior", type=float, default=0.88, help="class weights "
-                       "w0 = 1/(2·c0), w1 = 1/(2·(1-c0)) as in the original; 0.5 = unweighted")
-    optim.add_argument("--label-smoothing", type=float, default=0.125)
+                       "w0 = 1/(2·c0), w1 = 1/(2·(1-c0)) as in the original; 0.5 = unweighted "
+                       + demo_default("class0_prior"))
+    optim.add_argument("--label-smoothing", type=float, default=0.125, help="targets move "
+                       "towards 0.5 by this much (Keras BinaryCrossentropy label_smoothing)")
     optim.add_argument("--lr-factor", type=float, default=0.5, help="ReduceLROnPlateau factor")
-    optim.add_argument("--lr-patience", type=int, default=2)
-    optim.add_argument("--min-lr", type=float, default=1e-6)
+    optim.add_argument("--lr-patience", type=int, default=2, help="epochs without val_loss "
+                       "improvement before the learning rate is multiplied by --lr-factor")
+    optim.add_argument("--min-lr", type=float, default=1e-6, help="the learning rate never "
+                       "drops below this")
     optim.add_argument("--early-stop-patience", type=int, default=10, help="epochs without "
                        "val_loss improvement before stopping; 0 = never stop early")
-    optim.add_argument("--min-delta", type=float, default=1e-6)
+    optim.add_argument("--min-delta", type=float, default=1e-6, help="smallest val_loss "
+                       "decrease that counts as an improvement for early stopping")
     optim.add_argument("--best-metric", choices=sorted(BEST_METRICS), default="val_loss",
                        help="what best.pth is chosen on")
     optim.add_argument("--threshold-rule", choices=("f1", "youden"), default="f1",
                        help="decision threshold chosen on validation: best F1 or Youden's J")
     run = parser.add_argument_group("runtime and output")
-    run.add_argument("--output-dir", default="runs/crbl")
+    run.add_argument("--output-dir", default="runs/crbl", help="folder for checkpoints, history, "
+                     "plots and predictions " + demo_default("output_dir"))
     run.add_argument("--resume", help="output folder or .pth of an earlier run: continue it "
                      "exactly (model, optimiser, scheduler, early stopping, epoch); flags given "
                      "now override the stored ones")
@@ -126,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=-1, help="DataLoader processes; -1 = auto: "
                      "min(8, cores - 1) for a GPU, min(4, cores // 8) on CPU. Results do not "
                      "depend on it")
-    run.add_argument("--seed", type=int, default=42)
+    run.add_argument("--seed", type=int, default=42, help="seeds the split, batches, "
+                     "augmentation, dropout and the head's initial weights: same seed, same run")
     run.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     return parser
 
@@ -210,18 +241,25 @@ def load_data(args) -> dict:
             raise CRBLError(f"--data-dir {data_dir}: no images found; expected "
                             "<dir>/good/*.png and <dir>/<defect>/*.png, or MVTec <dir>/train/good "
                             "and <dir>/test/<defect>")
-    train, bad = verify_images(train, "training images", where_train, progress=not args.no_progress)
+    noted: list[str] = []  # usable images a decoder warned about (e.g. a bad EXIF block)
+    train, bad = verify_images(train, "training images", where_train,
+                               progress=not args.no_progress, noted=noted)
     if val is not None:
-        val, bad_val = verify_images(val, "validation images", where_val, progress=not args.no_progress)
+        val, bad_val = verify_images(val, "validation images", where_val,
+                                     progress=not args.no_progress, noted=noted)
         bad += bad_val
     if bad:
         print(f"warning: {len(bad)} unreadable images left out: " + "; ".join(bad[:10])
               + (" ..." if len(bad) > 10 else ""))
+    if noted:
+        print(f"note: {len(noted)} image{'s' if len(noted) > 1 else ''} kept although a decoder "
+              f"warned (all in train_config.json): " + "; ".join(noted[:3])
+              + (" ..." if len(noted) > 3 else ""))
     check_labelled(train, "training data")
     if val is None:
         train, val = stratified_split(train, args.val_split, args.seed)
     check_labelled(val, "validation data")
-    return {"train": train, "val": val, "source": source, "unreadable": bad}
+    return {"train": train, "val": val, "source": source, "unreadable": bad, "decoder_notes": noted}
 
 
 def build_model(args, resume: dict | None) -> tuple[CRBLModel, dict]:
@@ -643,14 +681,20 @@ def plot_curves(history: list[dict], out_dir: Path) -> None:
     epochs = [row["epoch"] for row in history]
     panels = (("loss", ("train_loss", "val_loss")), ("AUROC / AP", ("train_auroc", "val_auroc", "val_ap")),
               ("F1", ("train_f1", "val_f1", "val_f1_at_threshold")), ("learning rate", ("lr",)))
+    from matplotlib.ticker import MaxNLocator
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for ax, (title, keys) in zip(axes.flat, panels):
         for key in keys:
             ax.plot(epochs, [np.nan if row[key] is None else row[key] for row in history],
                     marker="o", label=key)
         ax.set(title=title, xlabel="epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no half epochs
         ax.legend()
-    axes.flat[3].set_yscale("log")
+    rates = {row["lr"] for row in history}
+    if len(rates) > 1:  # ReduceLROnPlateau halves it: steps read best on a log scale
+        axes.flat[3].set_yscale("log")
+    else:  # a flat line says little without its value
+        axes.flat[3].set_title(f"learning rate (constant {rates.pop():.2g})")
     fig.tight_layout()
     fig.savefig(out_dir / "curves.png", dpi=100)
     plt.close(fig)
@@ -671,7 +715,8 @@ def write_config(args, argv, model, data, device, freezing, out_dir: Path) -> No
         "data": {"source": data["source"], "train_images": len(data["train"]),
                  "train_anomalies": sum(s.label for s in data["train"]),
                  "val_images": len(data["val"]), "val_anomalies": sum(s.label for s in data["val"]),
-                 "unreadable_left_out": data["unreadable"]},
+                 "unreadable_left_out": data["unreadable"],
+                 "decoder_notes": data["decoder_notes"]},
         "freezing": freezing,
         "device": str(device),
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
@@ -695,9 +740,12 @@ def make_loaders(data, args, device, rank: int = 0, world: int = 1
     sampler = ClassBalancedBatchSampler([s.label for s in data["train"]], args.batch_size,
                                         args.class0_ratio, args.steps_per_epoch or None, args.seed,
                                         rank=rank, world_size=world)
+    if workers:
+        before_workers_start()
     # Persistent workers: no process start-up per epoch; they hold no epoch state (the sampler
     # runs in this process and sends each draw's augmentation seed).
-    common = dict(num_workers=workers, worker_init_fn=worker_init if workers else None,
+    common = dict(num_workers=workers,
+                  worker_init_fn=worker_init_for(device) if workers else None,
                   persistent_workers=workers > 0, pin_memory=device.cuda_like)
     train_loader = DataLoader(TrainDataset(data["train"], args.image_size, transform),
                               batch_sampler=sampler, **common)
@@ -806,12 +854,15 @@ def to_cpu(obj):
 
 
 def epoch_summary(row: dict, improved: bool) -> str:
+    """The epoch's line. F1 is the one at the threshold this epoch chose on validation, the
+    one its checkpoint would use (history.csv also has the F1 at 0.5, as Keras reports)."""
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     return (f"epoch {row['epoch']}: train loss {fmt(row['train_loss'])} AUROC "
-            f"{fmt(row['train_auroc'])} | val loss {fmt(row['val_loss'])} acc "
-            f"{fmt(row['val_accuracy'])} F1 {fmt(row['val_f1'])} AUROC {fmt(row['val_auroc'])} "
-            f"AP {fmt(row['val_ap'])} | threshold {row['threshold']:.4g} | lr {row['lr']:.2g} | "
-            f"{row['seconds']:.0f} s" + ("  * best" if improved else ""))
+            f"{fmt(row['train_auroc'])} | val loss {fmt(row['val_loss'])} AUROC "
+            f"{fmt(row['val_auroc'])} AP {fmt(row['val_ap'])}, F1 "
+            f"{fmt(row['val_f1_at_threshold'])} at the threshold chosen this epoch "
+            f"({row['threshold']:.4g}) | lr {row['lr']:.2g} | {row['seconds']:.0f} s"
+            + ("  * best" if improved else ""))
 
 
 def main(argv=None, auto_order: tuple[str, ...] = ("dml", "cuda", "cpu")) -> int:

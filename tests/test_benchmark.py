@@ -47,6 +47,21 @@ def test_smoke_run_writes_every_measurement(tmp_path, capsys):
     assert "| 64 | 2 |" in table and "CRBL/backbones" in table
 
 
+def test_end_to_end_runs_compare_dataloader_workers(tmp_path):
+    """--workers 0 1: each value runs the script in a fresh process in every round (every image
+    scored, checked there), and the second value's scoring loop is compared with the first's."""
+    report = run(tmp_path, "--batch-sizes", "2", "--e2e-images", "4", "--no-keras", "--no-train",
+                 "--workers", "0", "1")
+    (result,) = report["results"]
+    assert report["settings"]["workers"] == [0, 1]
+    seconds = result["seconds"]
+    assert len(seconds["e2e"]) == len(seconds["e2e_fresh_workers0"]) == len(seconds["e2e_fresh_workers1"]) == 1
+    loops = seconds["e2e_fresh_workers0_loop"][0], seconds["e2e_fresh_workers1_loop"][0]
+    assert 0 < loops[1] < seconds["e2e_fresh_workers1"][0]  # the loop, inside a whole new process
+    assert result["ratios"]["e2e_workers1_vs_workers0"] == pytest.approx(loops[0] / loops[1])
+    assert result["images_per_s"]["e2e_fresh_workers1_loop"] == pytest.approx(4 / loops[1])
+
+
 @pytest.mark.skipif(not HAS_KERAS, reason="TensorFlow, tf-keras or efficientnet not installed")
 def test_keras_side_uses_the_same_model(tmp_path):
     report = run(tmp_path, "--batch-sizes", "1", "--no-train", "--no-e2e")
@@ -71,6 +86,7 @@ def test_user_weights_are_benchmarked(shared_fixture, tmp_path):
     (["--batch-sizes", "0"], ">= 1"),
     (["--amp"], "--amp needs a CUDA/ROCm GPU"),
     (["--weights", "missing.weights.h5"], "missing.weights.h5: no such file"),
+    (["--workers", "-2"], "--workers -2: give 0 or more processes, or -1 for auto"),
 ])
 def test_bad_settings_are_one_line_errors(argv, message, tmp_path, capsys):
     assert benchmark_CRBL.main(argv + ["--json", str(tmp_path / "b.json")]) == 2

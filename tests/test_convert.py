@@ -129,7 +129,7 @@ def test_layer_table_equals_real_qubvel_model(keras_refs):
 # ---------------------------------------------------------------------------------------------
 
 def _convert_fails(capsys, src, dst, *words):
-    assert convert_h5_to_pth.main([str(src), str(dst)]) == 1
+    assert convert_h5_to_pth.main([str(src), str(dst)]) == 2  # a user error, as argparse exits
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ")
     for word in words:
@@ -192,5 +192,5 @@ def test_existing_output_untouched_on_error(tmp_path, capsys):
     dst.write_bytes(b"previous")
     src = tmp_path / "bad.h5"
     src.write_text("nope")
-    assert convert_h5_to_pth.main([str(src), str(dst)]) == 1
+    assert convert_h5_to_pth.main([str(src), str(dst)]) == 2
     assert dst.read_bytes() == b"previous"

@@ -290,3 +290,89 @@ def test_user_errors_are_one_line(checkpoint, tmp_path, capsys):
         assert run("--weights", checkpoint, "--output", tmp_path / "o.csv", *case) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and len(err.splitlines()) == 1
+
+
+def odd_folder(folder):
+    """A folder of odd files: name -> expected start of `error` ("" = scored; the note then
+    starts with the value after "note:")."""
+    import odd_files
+    odd_files.tga_and_ico(folder)
+    odd_files.newly_scanned(folder / "formats")
+    odd_files.jpeg_with_bad_exif(folder / "exif.jpg")
+    odd_files.png_with_bad_text_crc(folder / "crc.png")
+    (folder / "jp2k.tif").write_bytes(odd_files.tiff_bytes(34712))
+    (folder / "page.jpg").write_text("<html><body>moved</body></html>")
+    (folder / "empty.bmp").write_bytes(b"")
+    expected = {"a.tga": "", "b.ico": "", "exif.jpg": "note:Tag data larger than file",
+                "crc.png": "note:libpng warning: tEXt: CRC error",
+                "jp2k.tif": "TIFF with JPEG 2000 compression, which Pillow does not support",
+                "page.jpg": "not an image: the file is an HTML page", "empty.bmp": "empty file"}
+    expected.update({f"formats/{name}": "" for name in odd_files.newly_scanned(folder, dry=True)})
+    return expected
+
+
+def test_odd_folder_same_verdicts_in_any_order_and_with_workers(checkpoint, tmp_path, capfd):
+    """Every file of an odd folder gets its verdict whatever the order it is read in and
+    whether DataLoader workers read it; decoder messages land in rows, not on the terminal."""
+    expected = odd_folder(tmp_path / "odd")
+    assert run("--weights", checkpoint, "--input", tmp_path / "odd", "--output",
+               tmp_path / "sorted.csv", "--workers", 0) == 0
+    out, err = capfd.readouterr()
+    assert err == ""  # no libpng/libtiff line, no Python warning
+    assert "scored 18 of 21 images" in out and "2 scored images got a decoder warning" in out
+    assert "3 images could not be scored (see the 'error' column):" in out
+    assert "1 × not an image: the file is an HTML page (e.g. page.jpg)" in out
+    rows = {r["image_path"]: r for r in read_rows(tmp_path / "sorted.csv")}
+    assert sorted(rows) == sorted(expected)
+
+    shuffled = sorted(expected, key=lambda name: hash(name[::-1]) % 1000)[::-1]
+    (tmp_path / "shuffled.csv").write_text(
+        "image_path\n" + "".join(f"odd/{name}\n" for name in shuffled), encoding="utf-8")
+    for workers in (0, 2):
+        assert run("--weights", checkpoint, "--input", tmp_path / "shuffled.csv", "--output",
+                   tmp_path / f"shuffled{workers}.csv", "--workers", workers) == 0
+        assert capfd.readouterr().err == ""
+        again = {r["image_path"][4:]: r for r in read_rows(tmp_path / f"shuffled{workers}.csv")}
+        assert list(again) == shuffled
+        for name, want in expected.items():
+            row, first = again[name], rows[name]
+            assert (row["error"], row["note"]) == (first["error"], first["note"]), name
+            assert float(row["score"] or 0) == pytest.approx(float(first["score"] or 0), abs=1e-5)
+            if want.startswith("note:") or not want:
+                assert row["score"] != "" and row["note"].startswith(want[5:]), (name, row)
+            else:
+                assert row["score"] == "" and row["error"].startswith(want), (name, row)
+
+
+def test_skipped_files_are_counted_and_listed(checkpoint, tmp_path, capsys):
+    write_images(tmp_path / "in", ["a.png"])
+    for name in ("notes.txt", "model.h5", "data.csv", ".DS_Store", "._a.png", ".git/HEAD"):
+        (tmp_path / "in" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "in" / name).write_bytes(b"x")
+    assert run("--weights", checkpoint, "--input", tmp_path / "in", "--output",
+               tmp_path / "p.csv") == 0
+    out = capsys.readouterr().out
+    assert f"skipped 6 files under {tmp_path / 'in'} (not scored, no row):" in out
+    assert "  2 × hidden file (e.g. .DS_Store, ._a.png)" in out
+    assert "  1 × .h5: a HDF5 file, which Pillow identifies but cannot decode here (e.g. model.h5)" in out
+    assert "  1 × hidden folder, not searched (e.g. .git/)" in out
+    assert "  1 × .txt: not an image extension (e.g. notes.txt)" in out
+    assert "(--list-skipped names them all)" in out and "scored 1 of 1 image in" in out
+    assert run("--weights", checkpoint, "--input", tmp_path / "in", "--output",
+               tmp_path / "p.csv", "--list-skipped") == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[1:7] == [
+        "  .git/: hidden folder, not searched", "  .DS_Store: hidden file", "  ._a.png: hidden file",
+        "  data.csv: .csv: not an image extension",
+        "  model.h5: .h5: a HDF5 file, which Pillow identifies but cannot decode here",
+        "  notes.txt: .txt: not an image extension"]
+
+
+def test_one_unscored_image_is_singular(checkpoint, tmp_path, capsys):
+    write_images(tmp_path / "in", ["a.png"])
+    (tmp_path / "in" / "b.png").write_text("text")
+    assert run("--weights", checkpoint, "--input", tmp_path / "in", "--output",
+               tmp_path / "p.csv") == 0
+    out = capsys.readouterr().out
+    assert "1 image could not be scored (see the 'error' column):" in out
+    assert "  1 × not an image: the file is a text file (e.g. b.png)" in out

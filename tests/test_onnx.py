@@ -85,7 +85,7 @@ def test_missing_onnxruntime_is_a_clear_error(tmp_path, monkeypatch, capsys):
     code = convert_h5_to_pth.main([str(tmp_path / "missing.h5"), str(tmp_path / "out.pth"),
                                    "--export-onnx", str(tmp_path / "out.onnx")])
     err = capsys.readouterr().err
-    assert code == 1 and "pip install onnxruntime" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "pip install onnxruntime" in err and len(err.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
 
 

@@ -2,6 +2,7 @@
 import csv
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -247,13 +248,17 @@ def test_crop_freezing_matches_keras_layer_150(resume_runs, init_checkpoint):
                        after["backbone1.body.blocks.4.2.bn2.running_var"])
 
 
-def test_demo_learns_and_inference_reproduces_validation_scores(tmp_path):
+def test_demo_learns_and_inference_reproduces_validation_scores(tmp_path, capsys):
     out = tmp_path / "demo"
     assert train("--demo", "--epochs", 2, "--output-dir", out) == 0
     config = json.loads((out / "train_config.json").read_text())
     assert config["args"]["image_size"] == 64 and config["args"]["model_type"] == "full"
     history = read_rows(out / "history.csv")
     assert len(history) == 2
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    for line, row in zip(lines, history, strict=True):  # the F1 the chosen threshold gives
+        assert (f"F1 {float(row['val_f1_at_threshold']):.4f} at the threshold chosen this epoch "
+                f"({float(row['threshold']):.4g})") in line
     assert float(history[-1]["val_auroc"]) >= 0.9
     assert float(history[1]["val_loss"]) < float(history[0]["val_loss"])  # still learning
     assert (out / "curves.png").stat().st_size > 10_000
@@ -371,3 +376,58 @@ def test_unreadable_images_warn_a_few_refuse_many(tmp_path, images):
     with pytest.raises(CRBLError, match="2 of 10 images are unreadable"):
         verify_images(samples + [Sample(broken, "b1", 1), Sample(broken, "b2", 1)], "train",
                       progress=False)
+
+
+def test_decoder_warnings_on_training_images_are_reported_not_printed(tiny_data, tmp_path, capfd):
+    """A usable training image a decoder warns about (libpng: a chunk's CRC) is kept; the
+    warning is summed up in one note line and kept in train_config.json, not on stderr."""
+    import shutil
+
+    import odd_files
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)  # the fixture is shared: change a copy
+    first = (data / "train.csv").read_text().splitlines()[1].split(",")[0]
+    odd_files.png_with_bad_text_crc(data / first)
+    out = tmp_path / "run"
+    capfd.readouterr()
+    assert train("--train-csv", data / "train.csv", "--init", "none", "--image-size", SIZE,
+                 "--model-type", "full", "--epochs", 1, "--batch-size", 4, "--output-dir", out) == 0
+    stdout, stderr = capfd.readouterr()
+    assert "libpng" not in stderr
+    note = f"{data / 'train.csv'} row 2: libpng warning: tEXt: CRC error"
+    assert f"note: 1 image kept although a decoder warned (all in train_config.json): {note}" in stdout
+    assert json.loads((out / "train_config.json").read_text())["data"]["decoder_notes"] == [note]
+
+
+def test_plots_name_their_numbers_and_use_whole_epochs(tmp_path, monkeypatch):
+    """ROC/PR titles carry AUROC/AP; the curves' epoch axis has whole epochs only; the
+    learning-rate panel is log-scaled when the rate changed, else says it was constant."""
+    from matplotlib.figure import Figure
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from dataset_pytorch_directml import save_metric_plots
+    from train_CRBL_pytorch_directml import plot_curves
+    saved = []
+
+    def record(fig, path, **kwargs):
+        fig.canvas.draw()
+        saved.append({Path(path).name: [(ax.get_title(), ax.get_yscale(), list(ax.get_xticks()))
+                                        for ax in fig.axes]})
+    monkeypatch.setattr(Figure, "savefig", record)
+    labels, scores = [0, 0, 1, 1, 0, 1], [0.1, 0.4, 0.35, 0.8, 0.2, 0.9]
+    save_metric_plots(labels, scores, 0.5, tmp_path / "p")
+    titles = {name: panels[0][0] for item in saved for name, panels in item.items()}
+    assert titles["p_roc.png"] == f"ROC (AUROC {roc_auc_score(labels, scores):.4f}, 6 images)"
+    assert titles["p_pr.png"] == (f"Precision-recall (AP {average_precision_score(labels, scores):.4f}, "
+                                  "3 anomalies)")
+    keys = ("train_loss", "val_loss", "train_auroc", "val_auroc", "val_ap", "train_f1", "val_f1",
+            "val_f1_at_threshold")
+    for rates, scale, lr_title in (([1e-4, 1e-4, 5e-5], "log", "learning rate"),
+                                   ([1e-4] * 3, "linear", "learning rate (constant 0.0001)")):
+        saved.clear()
+        plot_curves([dict(dict.fromkeys(keys, 0.5), epoch=e + 1, lr=lr) for e, lr in enumerate(rates)],
+                    tmp_path)
+        panels = saved[0]["curves.png"]
+        assert panels[3][:2] == (lr_title, scale)
+        for _, _, ticks in panels:
+            assert ticks and all(float(t).is_integer() for t in ticks), ticks
