@@ -82,8 +82,8 @@ _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the last chunk of every complet
 
 
 def _decode_png_opencv(path: Path) -> np.ndarray | None:
-    """(H,W,3) uint8 RGB of a PNG by cv2.imdecode, the original loader's own decoder and ~1.4x
-    as fast as Pillow plus its array copy; None where Pillow should decode the file instead:
+    """(H,W,3) uint8 RGB of a PNG by cv2.imdecode, the original loader's own decoder and
+    faster than Pillow plus its array copy; None where Pillow should decode the file instead:
     not a PNG, no OpenCV, over Pillow's pixel limit, no IEND chunk at the end (truncated), or
     an OpenCV decode error (libpng prints one line; Pillow then says what is wrong)."""
     cv2 = _opencv()
@@ -462,7 +462,7 @@ def not_an_image(head: bytes) -> str:
 def resize_cubic_uint8(img: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     """cv2.resize(img, (w, h), interpolation=cv2.INTER_CUBIC) on uint8: OpenCV itself where it is
     installed (requirements_directml.txt installs it), else torch's bicubic within 1 grey level
-    (resize_cubic_uint8_torch). OpenCV takes 0.04 ms for a 256 px image where torch takes 0.34.
+    (resize_cubic_uint8_torch), which is several times slower.
 
     An image already at the target size is returned unchanged, so pixels of such images reach
     the model exactly as Keras saw them.
@@ -710,8 +710,8 @@ def worker_init(_worker_id: int, below_model: bool = False) -> None:
     """DataLoader worker_init_fn; below_model (the CPU runs the model): lowest priority.
 
     Each worker decodes and resizes one image at a time on one thread: torch's and OpenCV's
-    default thread pools per worker oversubscribed the cores the model needs (2 cores,
-    --workers 2: 70.6 s against 18.5-27 s without workers for the same folder). On the CPU the
+    default thread pools per worker oversubscribed the cores the model needs (several times
+    slower than no workers at all on a 2-core machine). On the CPU the
     model's OpenMP threads need every core at once: a worker that takes one of them stalls the
     other at the next barrier, so there workers only get what the model leaves idle (nice 19).
     """

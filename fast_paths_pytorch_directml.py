@@ -20,6 +20,8 @@ from the device, the batch size, the image size and the threads free (one table,
 from __future__ import annotations
 
 import ctypes
+import dataclasses
+import importlib.util
 import itertools
 import math
 import os
@@ -38,7 +40,7 @@ from model_pytorch_directml import (NUM_FEATURES, Conv2dSame, CRBLError, CRBLMod
                                     EfficientNetB0, SqueezeExcite, autocast, capturing_graph,
                                     rows_per_chunk)
 
-# Where each CPU implementation pays, measured on 2- to 16-core x86 machines (see docs/speed.md).
+# Where each CPU implementation pays (docs/speed.md says why).
 CPU_RULES = {
     # The twin network: up to this many pixels per channel in a batch (8 images at 128 px); from
     # ~400k pixels per channel on, its larger operations gain nothing over two networks.
@@ -118,9 +120,11 @@ def prepare_for_inference(model: CRBLModel, device: DeviceInfo, *, fp16: bool = 
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     folded = fold and fold_batchnorm(model) > 0
+    # numba itself loads in InferenceRunner, after the twin took the backbones over: the memory
+    # their weights leave behind then serves numba's, not a new peak.
     plan = choose_plan(device.kind, batch_size, model.config.image_size, threads, folded=folded,
-                       compiled=compile, fp16=fp16,
-                       numba_ok=device.kind == "cpu" and fused_head_kernel() is not None)
+                       compiled=compile, fp16=fp16, numba_ok=bool(device.kind == "cpu"
+                       and not opted_out(FUSED_HEAD_ENV) and importlib.util.find_spec("numba")))
     if plan.half == "half":  # DirectML has no autocast: the backbones (and input buffers) in float16
         for module in (model.backbone1, model.backbone2):
             module.half()
@@ -137,8 +141,11 @@ class InferenceRunner:
 
     def __init__(self, model: CRBLModel, plan: Plan, twin: EfficientNetB0 | None = None,
                  pad_to: int = 0):
-        self.model, self.plan, self.twin, self.pad_to = model, plan, twin, pad_to
+        self.model, self.twin, self.pad_to = model, twin, pad_to
         self.kernel = fused_head_kernel() if plan.head == "numba" else None
+        if plan.head == "numba" and self.kernel is None:  # numba there but unusable (it warned)
+            plan = dataclasses.replace(plan, head="torch")
+        self.plan = plan
         self.terms = torch.compile(chunk_terms, dynamic=False) if plan.head == "compiled" \
             else chunk_terms
 
@@ -416,10 +423,9 @@ def fused_terms(kernel, a: np.ndarray, b: np.ndarray, w: np.ndarray, scale: floa
 
 
 def _bilinear_terms(a, b, w, scale, eps, dot, sq, r_lo, r_hi):
-    """dot[s] = Σ w·sign(phi)·sqrt(|phi|+eps), sq[s] = Σ(|phi|+eps) over rows [r_lo, r_hi) of
-    phi = scale·Aᵀ·B, A = a[s], B = b[s] float32 (N, H·W, C) (channels_last maps as they are),
-    w the (C, C) head weight. Four rows of phi at a time in an L1-resident buffer (each load of
-    B serves 16 products), summed in the pass that builds them; float32 rows, float64 totals."""
+    """dot[s] = Σ w·sign(phi)·sqrt(|phi|+eps), sq[s] = Σ(|phi|+eps) over rows [r_lo, r_hi) of phi
+    = scale·Aᵀ·B, A = a[s], B = b[s] (N, H·W, C) float32, w the (C, C) head weight: four rows at a
+    time in an L1-resident buffer, summed in the pass that builds them; float64 totals."""
     n, k = a.shape[:2]
     c2 = b.shape[2]
     zero = np.float32(0.0)

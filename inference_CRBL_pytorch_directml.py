@@ -19,7 +19,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -34,15 +33,14 @@ try:
                                           save_metric_plots, scan_folder, worker_init_for)
     from fast_paths_pytorch_directml import prepare_for_inference
     from model_pytorch_directml import (MODEL_TYPE_THRESHOLDS, CRBLError, HelpFormatter,
-                                        get_device, load_model, resolve_threshold)
+                                        get_device, load_model)
 except ModuleNotFoundError as exc:  # a Python without the requirements, e.g. outside the venv
     from setup_amd_gpu_directml import exit_missing_module
     exit_missing_module(exc)
 
 OUTPUT_COLUMNS = ("image_path", "score", "prediction", "label", "error", "note")
-# Images fetched at once without DataLoader workers (make_loader). At batch 1 on 2 cores, 8 took
-# the scoring loop from 0.84 to 0.89 of the model-only speed at 224 px and from 0.87 to 0.93 at
-# 128 px (medians of 6 paired rounds in one process); 16 or 32 were no better.
+# Images fetched at once without DataLoader workers (make_loader): each fetch has a fixed cost
+# that small batches would otherwise pay per image; more than 8 gained nothing.
 DECODE_AHEAD = 8
 
 
@@ -74,9 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     runtime.add_argument("--fp16", action="store_true", help="half-precision backbones on CUDA/"
                          "ROCm/DirectML (bilinear pooling and head stay float32)")
     runtime.add_argument("--compile", action="store_true", help="torch.compile the backbones "
-                         "and head (2-core CPU: model 0.9-1.3x as fast; needs a C++ compiler; "
-                         "CUDA: needs Triton; not DirectML). Costs ~1 min of compiling first "
-                         "(~10 s when cached): for large jobs")
+                         "and head (needs a C++ compiler on the CPU, Triton on CUDA; not DirectML); "
+                         "the first run compiles for about a minute: for large jobs")
     runtime.add_argument("--strict", action="store_true", help="exit with status 1 when any "
                          "image could not be scored")
     runtime.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -137,6 +134,19 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
+def resolve_threshold(cli_threshold: float | None, meta: dict, model_type: str | None = None
+                      ) -> tuple[float, str]:
+    """Threshold and where it came from: --threshold, else --model-type preset, else the
+    checkpoint's (chosen on validation), else 0.5."""
+    if cli_threshold is not None:
+        return float(cli_threshold), "--threshold"
+    if model_type is not None:
+        return MODEL_TYPE_THRESHOLDS[model_type], f"--model-type {model_type} preset"
+    if meta.get("threshold") is not None:
+        return float(meta["threshold"]), f"checkpoint ({meta.get('threshold_source') or 'stored'})"
+    return 0.5, "default 0.5"
+
+
 def compile_now(runner, device, batch_size: int) -> None:
     """--compile: compile now, on a black batch of batch_size (every forward is then padded to
     it), so a missing compiler stops before any output."""
@@ -159,7 +169,7 @@ def make_loader(samples, image_size: int, args, device) -> DataLoader:
     each batch is decoded in one thread per torch thread between two forwards; small batches are
     then fetched several at a time, at least DECODE_AHEAD images (or one per thread), because a
     fetch has a fixed cost: the DataLoader step, the hand-off to the threads, and the OpenMP
-    threads that keep their cores for a while after a forward (measured in the README)."""
+    threads that keep their cores for a while after a forward."""
     workers = args.workers if args.workers >= 0 else auto_workers(device)
     fetch = args.batch_size
     if not workers:

@@ -176,15 +176,6 @@ class CRBLConfig:
         return cls(**d)
 
 
-def normalization_preset(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """mean, std for the named input normalisation ('none' = original CRBL, 'imagenet')."""
-    if name == "none":
-        return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-    if name == "imagenet":
-        return IMAGENET_MEAN, IMAGENET_STD
-    raise CRBLError(f"unknown normalization {name!r}: use 'none' or 'imagenet'")
-
-
 # --------------------------------------------------------------------------------------------
 # Backbone
 # --------------------------------------------------------------------------------------------
@@ -272,8 +263,8 @@ def _eager_cpu_inference(x: torch.Tensor) -> bool:
 
 def _zero_border(x: torch.Tensor, left: int, right: int, top: int, bottom: int) -> torch.Tensor:
     """F.pad(x, (left, right, top, bottom)) writing each output element once: F.pad zero-fills
-    the whole output, then copies x in. On 2 CPU cores its fill was 6-7% of a forward at 224 px
-    batch 32 (a stride-2 block pads its widest tensor). Keeps x's memory format."""
+    the whole output, then copies x in: a full extra pass over the widest tensor of a stride-2
+    block. Keeps x's memory format."""
     n, c, h, w = x.shape
     layout = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
               else torch.contiguous_format)
@@ -871,16 +862,3 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> C
     """Rebuild a CRBL model from a checkpoint alone, in eval mode, metadata in `model.meta`."""
     model = model_from_checkpoint(load_checkpoint(path), path)
     return place_model(model, device).eval()
-
-
-def resolve_threshold(cli_threshold: float | None, meta: dict, model_type: str | None = None
-                      ) -> tuple[float, str]:
-    """Threshold and where it came from: --threshold, else --model-type preset, else the
-    checkpoint's (chosen on validation), else 0.5."""
-    if cli_threshold is not None:
-        return float(cli_threshold), "--threshold"
-    if model_type is not None:
-        return MODEL_TYPE_THRESHOLDS[model_type], f"--model-type {model_type} preset"
-    if meta.get("threshold") is not None:
-        return float(meta["threshold"]), f"checkpoint ({meta.get('threshold_source') or 'stored'})"
-    return 0.5, "default 0.5"

@@ -83,7 +83,14 @@ def demo_in_words() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], usage="%(prog)s [options]",
                                      formatter_class=HelpFormatter)
-    data = parser.add_argument_group("data (one of --train-csv, --data-dir, --demo)")
+    add_data_options(parser.add_argument_group("data (one of --train-csv, --data-dir, --demo)"))
+    add_model_options(parser.add_argument_group("model"))
+    add_optimisation_options(parser.add_argument_group("optimisation"))
+    add_runtime_options(parser.add_argument_group("runtime and output"))
+    return parser
+
+
+def add_data_options(data) -> None:
     data.add_argument("--train-csv", help="manifest with image_path (relative to --image-dir) and "
                       "impurity or label (0 normal, 1 anomaly)")
     data.add_argument("--val-csv", help="validation manifest (same format); without it "
@@ -103,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--demo", action="store_true", help="write a small synthetic defect data set "
                       "(textures with scratches, blobs and stains) to <output-dir>/data and train "
                       f"on it in minutes on a CPU; options not given then default to: {demo_in_words()}")
-    model = parser.add_argument_group("model")
+
+
+def add_model_options(model) -> None:
     model.add_argument("--init", default="imagenet", help="imagenet (the two pretrained "
                        "backbones of the original), none (random), or a CRBL .pth to fine-tune "
                        "(its image size and normalisation win) (default: %(default)s; with --demo: "
@@ -118,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "layer index of each backbone (overrides --model-type; 150 = crop)")
     model.add_argument("--image-size", type=int, default=128, help="square input size in pixels "
                        "(images are resized to it) " + demo_default("image_size"))
-    optim = parser.add_argument_group("optimisation")
+
+
+def add_optimisation_options(optim) -> None:
     optim.add_argument("--epochs", type=int, default=30, help="total epochs (a resumed run "
                        "continues up to this number) " + demo_default("epochs"))
     optim.add_argument("--batch-size", type=int, default=32, help="images per training step "
@@ -144,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="what best.pth is chosen on")
     optim.add_argument("--threshold-rule", choices=("f1", "youden"), default="f1",
                        help="decision threshold chosen on validation: best F1 or Youden's J")
-    run = parser.add_argument_group("runtime and output")
+
+
+def add_runtime_options(run) -> None:
     run.add_argument("--output-dir", default="runs/crbl", help="folder for checkpoints, history, "
                      "plots and predictions " + demo_default("output_dir"))
     run.add_argument("--resume", help="output folder or .pth of an earlier run: continue it "
@@ -159,7 +172,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=42, help="seeds the split, batches, "
                      "augmentation, dropout and the head's initial weights: same seed, same run")
     run.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
-    return parser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
