@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import importlib.metadata
 import json
 import math
 import os
@@ -564,12 +563,15 @@ class BatchNormWatch:
 
 
 def directml_version() -> str:
+    """The module's own version (the emulator has no package metadata), else the installed
+    package's, as setup_amd_gpu_directml reads it."""
+    from setup_amd_gpu_directml import package_version
     try:
         import torch_directml
-        return getattr(torch_directml, "__version__", None) or importlib.metadata.version(
-            "torch-directml")
-    except Exception:  # not installed, no metadata: the message still names the problem
-        return "version unknown"
+    except Exception:  # DirectML ran a step, so this is not expected; the message still stands
+        torch_directml = None
+    return (getattr(torch_directml, "__version__", None) or package_version("torch-directml")
+            or "version unknown")
 
 
 def prepare_for_training(model: CRBLModel, device) -> CRBLModel:
