@@ -526,6 +526,7 @@ class Sample:
     path: Path          # where the file is read from
     image_path: str     # as the user wrote it (CSV) or relative to the scanned folder
     label: int | None   # 0 normal, 1 anomaly, None unknown
+    mask_path: Path | None = None  # defect mask (non-zero = defect), where ground truth exists
 
 
 def _parse_label(value: str, where: str, column: str, required: bool) -> int | None:
@@ -557,11 +558,14 @@ def _read_csv_rows(csv_path: Path) -> list[dict]:
 
 
 def read_manifest(csv_path: str | os.PathLike, image_dir: str | os.PathLike | None = None,
-                  require_label: bool = False) -> list[Sample]:
-    """Samples of a CSV with `image_path` and optional `impurity`/`label` (0/1).
+                  require_label: bool = False, masks: bool = False) -> list[Sample]:
+    """Samples of a CSV with `image_path`, optional `impurity`/`label` (0/1) and optional
+    `mask_path` (a defect mask, empty for normal images; read only with masks=True, training
+    ignores the column).
 
-    Paths are relative to image_dir (default: the CSV's folder) unless absolute. Files are not
-    checked here: inference reports a missing file in its row, training decides for itself.
+    Paths are relative to image_dir (default: the CSV's folder) unless absolute. Image files are
+    not checked here: inference reports a missing file in its row, training decides for itself.
+    A mask named but missing is an error: the pixel metrics would otherwise drop it silently.
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
@@ -587,7 +591,11 @@ def read_manifest(csv_path: str | os.PathLike, image_dir: str | os.PathLike | No
             raise CRBLError(f"{where}: column 'image_path' is empty; fill it or delete the row")
         label = (_parse_label(row.get(label_column), where, label_column, require_label)
                  if label_column else None)
-        samples.append(Sample(root / image_path, image_path, label))
+        mask = (row.get("mask_path") or "").strip() if masks else ""
+        if mask and not (root / mask).is_file():
+            raise CRBLError(f"{where}: column 'mask_path' names {root / mask}, which does not "
+                            "exist; fix the path or leave the cell empty")
+        samples.append(Sample(root / image_path, image_path, label, root / mask if mask else None))
     return samples
 
 
@@ -1040,10 +1048,23 @@ class ClassBalancedBatchSampler(torch.utils.data.Sampler):
 
 
 # --------------------------------------------------------------------------------------------
-# Demo data: synthetic textures with defects
+# Demo data: synthetic textures with defects, harmless marks and defect masks
 # --------------------------------------------------------------------------------------------
 
 DEMO_DEFECTS = ("scratch", "blob", "stain")
+# With marks > 0, every demo image, normal or not, also carries that many harmless marks (blue
+# dots, yellow bars) with the same contrast as the defects: only their colour tells them apart.
+# The model must then learn what a defect is, and a heatmap that merely finds contrast points at
+# a mark (the task heatmaps are measured on; the --demo itself has none, so that it learns in
+# minutes from random backbones).
+DEMO_MARKS = ("dot", "bar")
+# RGB directions of each shape's colour change; every shape changes its pixels by the same
+# amount (DEMO_CONTRAST, the length of the change), so no shape is easier to see than another.
+DEMO_COLOURS = {"scratch": (-1.0, -1.0, -1.0), "blob": (-1.0, -1.0, -1.0),
+                "stain": (0.3, -0.4, -1.0), "dot": (0.2, 0.6, 1.0), "bar": (0.8, 0.7, -0.8)}
+DEMO_CONTRAST = (100.0, 140.0)
+# Where a soft shape (the stain) counts as defect in its mask.
+DEMO_MASK_LEVEL = 0.3
 
 
 def _demo_texture(rng: np.random.Generator, size: int, material: dict) -> np.ndarray:
@@ -1061,38 +1082,66 @@ def _demo_texture(rng: np.random.Generator, size: int, material: dict) -> np.nda
     return base[None, None, :] + (shade + weave + grain)[:, :, None]
 
 
-def _demo_defect(img: np.ndarray, rng: np.random.Generator, kind: str) -> np.ndarray:
+def _demo_shape(rng: np.random.Generator, size: int, kind: str, cx: float, cy: float
+                ) -> np.ndarray:
+    """Coverage in [0, 1] of one shape centred at (cx, cy); every shape fits in a box of a
+    quarter of the image side."""
     from PIL import Image, ImageDraw
-    size = img.shape[0]
+    if kind == "stain":  # a soft discolouration
+        sigma = rng.uniform(0.03, 0.05) * size
+        yy, xx = np.mgrid[0:size, 0:size]
+        return np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * sigma ** 2))
     mask = Image.new("F", (size, size), 0.0)
     draw = ImageDraw.Draw(mask)
-    cx, cy = rng.uniform(0.25, 0.75, 2) * size
-    if kind == "scratch":
-        length, angle = rng.uniform(0.4, 0.8) * size, rng.uniform(0, np.pi)
+    if kind in ("scratch", "bar"):
+        length, angle = rng.uniform(0.12, 0.22) * size, rng.uniform(0, np.pi)
         dx, dy = np.cos(angle) * length / 2, np.sin(angle) * length / 2
-        draw.line([(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=1.0,
-                  width=max(2, int(rng.uniform(0.02, 0.04) * size)))
-        colour = rng.choice([-1.0, 1.0]) * rng.uniform(60, 90) * np.ones(3)
-    elif kind == "blob":
-        rx, ry = rng.uniform(0.07, 0.15, 2) * size
+        width = max(2, round((0.03 if kind == "scratch" else 0.045) * size))
+        draw.line([(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=1.0, width=width)
+    else:  # blob, dot: filled ellipses
+        rx, ry = rng.uniform(0.04, 0.09, 2) * size
         draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=1.0)
-        colour = -rng.uniform(55, 85) * np.ones(3)
-    else:  # stain: a soft brownish discolouration
-        radius = rng.uniform(0.12, 0.22) * size
-        yy, xx = np.mgrid[0:size, 0:size]
-        soft = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * (radius / 2) ** 2))
-        mask = Image.fromarray(soft.astype(np.float32))
-        colour = rng.uniform(50, 80) * np.array([0.3, -0.4, -1.0])
-    return img + np.asarray(mask)[:, :, None] * colour
+    return np.asarray(mask)
+
+
+def _demo_centres(rng: np.random.Generator, size: int, count: int) -> list[np.ndarray]:
+    """count shape centres anywhere in the image, at least a quarter side apart (shapes never
+    touch, so a mask holds its defect only)."""
+    centres: list[np.ndarray] = []
+    while len(centres) < count:
+        c = rng.uniform(0.14, 0.86, 2) * size
+        if all(np.abs(c - other).max() >= size / 4 for other in centres):
+            centres.append(c)
+    return centres
+
+
+def demo_image(rng: np.random.Generator, size: int, material: dict, defect: str | None,
+               marks: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+    """One demo image (uint8 RGB) with `marks` harmless marks and, for a defect, its mask
+    (uint8, 255 = defect)."""
+    img = _demo_texture(rng, size, material)
+    kinds = [rng.choice(DEMO_MARKS) for _ in range(marks)]
+    kinds += [defect] if defect else []
+    mask = None
+    for kind, (cx, cy) in zip(kinds, _demo_centres(rng, size, len(kinds))):
+        coverage = _demo_shape(rng, size, kind, cx, cy)
+        direction = np.asarray(DEMO_COLOURS[kind])
+        img = img + coverage[:, :, None] * (rng.uniform(*DEMO_CONTRAST) * direction
+                                            / np.linalg.norm(direction))
+        if kind == defect:
+            mask = np.where(coverage >= DEMO_MASK_LEVEL, 255, 0).astype(np.uint8)
+    return img.clip(0, 255).round().astype(np.uint8), mask
 
 
 def make_demo_dataset(root: str | os.PathLike, train_per_class: int = 48, test_per_class: int = 24,
-                      size: int = 128, seed: int = 0) -> dict[str, int]:
-    """Write a seeded synthetic defect data set, no download needed:
+                      size: int = 128, seed: int = 0, marks: int = 0) -> dict[str, int]:
+    """Write a seeded synthetic defect data set, no download needed, with `marks` harmless
+    marks on every image (DEMO_MARKS):
 
-    root/{train,test}/{good,defect}/*.png (the class-folder layout), plus root/train.csv and
-    root/test.csv manifests (image_path relative to root, impurity 0/1) for the inference script.
-    Returns image counts per split.
+    root/{train,test}/{good,defect}/*.png (the class-folder layout); a mask per defect image
+    (255 = defect), for test/ where MVTec AD keeps it (root/ground_truth/defect/<name>_mask.png),
+    for train/ in root/ground_truth_train/defect/; root/train.csv and root/test.csv manifests
+    (image_path, impurity 0/1, mask_path; paths relative to root). Returns image counts per split.
     """
     from PIL import Image
     root = Path(root)
@@ -1101,20 +1150,24 @@ def make_demo_dataset(root: str | os.PathLike, train_per_class: int = 48, test_p
                 "angle": rng.uniform(0, np.pi), "period": rng.uniform(4, 8)}
     counts = {}
     for split, per_class in (("train", train_per_class), ("test", test_per_class)):
+        masks = "ground_truth" if split == "test" else "ground_truth_train"
         rows = []
         for label, cls in ((0, "good"), (1, "defect")):
             (root / split / cls).mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
-                img = _demo_texture(rng, size, material)
-                name = f"{i:03d}.png"
-                if label:
-                    kind = DEMO_DEFECTS[i % len(DEMO_DEFECTS)]
-                    img, name = _demo_defect(img, rng, kind), f"{i:03d}_{kind}.png"
-                Image.fromarray(img.clip(0, 255).round().astype(np.uint8)).save(root / split / cls / name)
-                rows.append((f"{split}/{cls}/{name}", label))
+                kind = DEMO_DEFECTS[i % len(DEMO_DEFECTS)] if label else None
+                img, mask = demo_image(rng, size, material, kind, marks)
+                name = f"{i:03d}_{kind}" if label else f"{i:03d}"
+                Image.fromarray(img).save(root / split / cls / f"{name}.png")
+                mask_path = ""
+                if mask is not None:
+                    mask_path = f"{masks}/{cls}/{name}_mask.png"
+                    (root / mask_path).parent.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(mask).save(root / mask_path)
+                rows.append((f"{split}/{cls}/{name}.png", label, mask_path))
         with open(root / f"{split}.csv", "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
-            writer.writerow(("image_path", "impurity"))
+            writer.writerow(("image_path", "impurity", "mask_path"))
             writer.writerows(rows)
         counts[split] = len(rows)
     return counts

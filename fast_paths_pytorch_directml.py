@@ -152,6 +152,11 @@ class InferenceRunner:
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both backbones' maps (N,1280,h,w), as this plan runs them."""
+        return self.backbone_maps(x)
+
+    def backbone_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """features, with autograd where the caller enables it (heatmaps differentiate the
+        logit with respect to the image through it)."""
         model = self.model
         x = model.normalize_input(x.half() if self.plan.half == "half" else x)
         with autocast(x.device.type, enabled=self.plan.half == "autocast"):
@@ -252,10 +257,10 @@ def both_backbones_at_once(backbone1: nn.Module, backbone2: nn.Module, x: torch.
     head then gets every thread back. Same results up to float32 rounding (sums whose order
     depends on the thread count)."""
     threads = torch.get_num_threads()
-    inference = torch.is_inference_mode_enabled()
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
 
     def second() -> torch.Tensor:  # grad and inference mode are per thread
-        with torch.inference_mode(inference), torch.no_grad():
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
             return backbone2(x)
 
     torch.set_num_threads(1)

@@ -3,6 +3,7 @@
     python inference_CRBL_pytorch_directml.py --weights crbl.pth --input photos/
     python inference_CRBL_pytorch_directml.py --weights crbl.pth --input test_CRBL.csv --image-dir images --output preds.csv
     python inference_CRBL_pytorch_directml.py --weights crbl.pth --input one.jpg --model-type crop --device cpu
+    python inference_CRBL_pytorch_directml.py --weights crbl.pth --input mvtec/bottle/test --heatmaps maps/
 
 --input is one image, a folder (recursive) or a CSV manifest (`image_path`, optional `impurity`).
 A folder scan picks up every image format the installed Pillow (and OpenCV) reads; the files it
@@ -11,6 +12,9 @@ The output CSV (UTF-8 with BOM, so Excel shows Korean names) gets one row per in
 input order, written as it goes: image_path, score, prediction, label, error (why it was not
 scored), note (what a decoder warned about a scored file). With labels it also writes
 <output>_metrics.json and <output>_roc.png, _pr.png, _hist.png.
+--heatmaps DIR writes an overlay per scored image (where the model sees the impurity) and the
+columns peak_x, peak_y; where defect masks exist (a `mask_path` column, or MVTec AD's
+ground_truth/ beside test/) the metrics add pixel AUROC, the pointing game and _heatmaps.png.
 Exit status: 0 done; 1 some images failed and --strict was given; 2 user error; 130 interrupted.
 """
 from __future__ import annotations
@@ -32,6 +36,8 @@ try:
                                           compute_metrics, describe_skipped, read_manifest,
                                           save_metric_plots, scan_folder, worker_init_for)
     from fast_paths_pytorch_directml import prepare_for_inference
+    from heatmaps_pytorch_directml import (DEFAULT_HEATMAP_METHOD, HEATMAP_METHODS, HeatmapWriter,
+                                           anomaly_maps, mvtec_mask, save_localisation_plot)
     from model_pytorch_directml import (MODEL_TYPE_THRESHOLDS, CRBLError, HelpFormatter,
                                         get_device, load_model)
 except ModuleNotFoundError as exc:  # a Python without the requirements, e.g. outside the venv
@@ -39,6 +45,7 @@ except ModuleNotFoundError as exc:  # a Python without the requirements, e.g. ou
     exit_missing_module(exc)
 
 OUTPUT_COLUMNS = ("image_path", "score", "prediction", "label", "error", "note")
+HEATMAP_COLUMNS = ("peak_x", "peak_y")  # with --heatmaps: the map's peak in the image's pixels
 # Images fetched at once without DataLoader workers (make_loader): each fetch has a fixed cost
 # that small batches would otherwise pay per image; more than 8 gained nothing.
 DECODE_AHEAD = 8
@@ -63,6 +70,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     decision.add_argument("--model-type", choices=sorted(MODEL_TYPE_THRESHOLDS), default=None,
                           help="use the original threshold preset (crop 0.01, full 0.5) "
                           "instead of the checkpoint's")
+    heat = parser.add_argument_group("heatmaps (where the impurity is)")
+    heat.add_argument("--heatmaps", metavar="DIR", default=None, help="write an overlay PNG per "
+                      "scored image to DIR (its map, peak, score and verdict) and add peak_x, "
+                      "peak_y to the CSV; with masks (mask_path column or MVTec ground_truth/) "
+                      "the metrics add pixel AUROC and the pointing game")
+    heat.add_argument("--heatmap-method", choices=HEATMAP_METHODS, default=DEFAULT_HEATMAP_METHOD,
+                      help="gradient: |d logit / d pixel|, the best at pointing to the defect; "
+                      "gradient-x-input: that times the image's local detail, the best pixel AUROC")
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--device", default="auto", help="auto, dml[:N], cuda[:N], rocm or cpu")
     runtime.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
@@ -96,6 +111,11 @@ def check_args(args) -> None:
         raise CRBLError("--image-dir only applies when --input is a CSV manifest; drop it")
     if args.image_dir is not None and not Path(args.image_dir).is_dir():
         raise CRBLError(f"--image-dir {args.image_dir}: folder not found")
+    if args.heatmaps is not None and Path(args.heatmaps).is_file():
+        raise CRBLError(f"--heatmaps {args.heatmaps} is a file; give a folder for the overlays")
+    if args.heatmaps is not None and args.compile:
+        raise CRBLError("--compile and --heatmaps do not go together (the maps take a backward "
+                        "pass the compiled plan does not have); leave one out")
 
 
 def is_manifest(input_path: str) -> bool:
@@ -106,16 +126,23 @@ def collect_samples(args) -> list[Sample]:
     """Samples in input order; nothing is decoded here."""
     source = Path(args.input)
     if is_manifest(args.input):
-        samples = read_manifest(source, args.image_dir)
+        samples = read_manifest(source, args.image_dir, masks=True)
     elif source.is_dir():
         samples, skipped = scan_folder(source)
         report_skipped(skipped, source, args.list_skipped)
+        samples = [with_mvtec_truth(s) for s in samples]
     else:
         samples = [Sample(source, args.input, None)]
     if not samples:
         raise CRBLError(f"--input {source}: no images found (no file with an image extension "
                         "such as .png, .jpg, .tif, .bmp)")
     return samples
+
+
+def with_mvtec_truth(sample: Sample) -> Sample:
+    """An image of MVTec AD's test layout gets its label (good = 0) and defect mask."""
+    truth = mvtec_mask(sample.path)
+    return sample if truth is None else Sample(sample.path, sample.image_path, *truth)
 
 
 def report_skipped(skipped, source: Path, list_all: bool) -> None:
@@ -191,14 +218,16 @@ def model_batches(loader: DataLoader, batch_size: int):
             yield images[start:end], indices[start:end], errors[start:end], notes[start:end]
 
 
-def score_to_csv(runner, samples, args, device, threshold
+def score_to_csv(runner, samples, args, device, threshold, heatmaps: HeatmapWriter | None = None
                  ) -> tuple[list[float | None], list[str], list[str]]:
     """Score every sample, appending its CSV row batch by batch; returns scores (None where
-    the image failed), error reasons and decoder notes."""
+    the image failed), error reasons and decoder notes. With heatmaps, each scored image also
+    gets its overlay and the row its peak."""
     from tqdm import tqdm
     scores: list[float | None] = [None] * len(samples)
     errors: list[str] = [""] * len(samples)
     notes: list[str] = [""] * len(samples)
+    peaks: list[tuple[int, int] | None] = [None] * len(samples)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     loader = make_loader(samples, runner.model.config.image_size, args, device)
@@ -206,20 +235,33 @@ def score_to_csv(runner, samples, args, device, threshold
             tqdm(total=len(samples), unit="img", disable=args.no_progress, file=sys.stderr) as bar, \
             torch.inference_mode():
         writer = csv.writer(f)
-        writer.writerow(OUTPUT_COLUMNS)
+        writer.writerow(OUTPUT_COLUMNS + (HEATMAP_COLUMNS if heatmaps else ()))
         for images, indices, batch_errors, batch_notes in model_batches(loader, args.batch_size):
             good = [i for i, err in enumerate(batch_errors) if not err]
             if good:
                 x = images[good].to(device.device, non_blocking=device.cuda_like)
-                probs = torch.sigmoid(runner(x)).flatten().cpu()  # one read per batch
-                for i, p in zip(good, probs.tolist()):
-                    scores[int(indices[i])] = p
+                probs, maps = score_batch(runner, x, args.heatmap_method if heatmaps else None)
+                for i, p, heatmap in zip(good, probs.tolist(), maps):
+                    index = int(indices[i])
+                    scores[index] = p
+                    if heatmaps:
+                        peaks[index] = heatmaps.add(samples[index], p, heatmap.numpy())
             for index, err, note in zip(indices.tolist(), batch_errors, batch_notes):
                 errors[index], notes[index] = err, note
-                writer.writerow(output_row(samples[index], scores[index], threshold, err, note))
+                row = output_row(samples[index], scores[index], threshold, err, note)
+                writer.writerow(row + (list(peaks[index] or ("", "")) if heatmaps else []))
             f.flush()  # a crash or Ctrl-C keeps every finished batch
             bar.update(len(indices))
     return scores, errors, notes
+
+
+def score_batch(runner, x: torch.Tensor, heatmap_method: str | None
+                ) -> tuple[torch.Tensor, torch.Tensor | list]:
+    """Probabilities of a batch on the CPU and, given a method, its heatmaps (one read each)."""
+    if heatmap_method is None:
+        return torch.sigmoid(runner(x)).flatten().cpu(), [None] * len(x)
+    result = anomaly_maps(runner, x, heatmap_method)
+    return torch.sigmoid(result.logits).cpu(), result.maps.float().cpu()
 
 
 def output_row(sample: Sample, score: float | None, threshold: float, error: str, note: str = ""
@@ -230,8 +272,10 @@ def output_row(sample: Sample, score: float | None, threshold: float, error: str
     return [sample.image_path, repr(score), int(score >= threshold), label, "", note]
 
 
-def report_metrics(samples, scores, threshold, threshold_source, args) -> None:
-    """Metrics on the labelled, successfully scored images: printed, JSON and PNG plots."""
+def report_metrics(samples, scores, threshold, threshold_source, args,
+                   heatmaps: HeatmapWriter | None = None) -> None:
+    """Metrics on the labelled, successfully scored images: printed, JSON and PNG plots; with
+    heatmaps and masks also the localisation metrics and a few overlays."""
     pairs = [(s.label, p) for s, p in zip(samples, scores) if s.label is not None and p is not None]
     if not pairs:
         return
@@ -241,9 +285,13 @@ def report_metrics(samples, scores, threshold, threshold_source, args) -> None:
     metrics["weights"] = str(args.weights)
     metrics["unscored_labelled_images"] = sum(s.label is not None for s in samples) - len(pairs)
     prefix = Path(args.output).with_suffix("")
+    plots = save_metric_plots(labels, probs, threshold, prefix)
+    if heatmaps and heatmaps.localisation.masks:
+        metrics.update(heatmap_method=args.heatmap_method, **heatmaps.localisation.metrics())
+        if heatmaps.examples:
+            plots.append(save_localisation_plot(heatmaps.examples, prefix))
     json_path = prefix.with_name(prefix.name + "_metrics.json")
     json_path.write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    plots = save_metric_plots(labels, probs, threshold, prefix)
 
     def fmt(value):
         return "n/a" if value is None else f"{value:.4f}"  # AUROC/AP need both classes
@@ -253,6 +301,11 @@ def report_metrics(samples, scores, threshold, threshold_source, args) -> None:
           f"recall {fmt(metrics['recall'])}, F1 {fmt(metrics['f1'])}, AUROC {fmt(metrics['auroc'])}, "
           f"AP {fmt(metrics['ap'])}")
     print(f"confusion matrix (rows true 0/1, columns predicted 0/1): [[{tn}, {fp}], [{fn}, {tp}]]")
+    if "pixel_auroc" in metrics:
+        print(f"localisation ({args.heatmap_method} maps): pixel AUROC {fmt(metrics['pixel_auroc'])} "
+              f"over {metrics['pixel_metric_images']} images, pointing game "
+              f"{fmt(metrics['pointing_game'])} over {metrics['pointing_game_images']} anomalous "
+              "images with masks")
     print(f"wrote {json_path} and {', '.join(p.name for p in plots)}")
 
 
@@ -309,9 +362,10 @@ def run(args, auto_order: tuple[str, ...] = ("dml", "cuda", "cpu")) -> Run:
         print(f"device {device}; {len(samples)} images at {model.config.image_size} px; "
               f"threshold {threshold:g} ({threshold_source}); {runner.plan}")
         start = time.perf_counter()
-        scores, errors, notes = score_to_csv(runner, samples, args, device, threshold)
+        heatmaps = HeatmapWriter(args.heatmaps, samples, threshold) if args.heatmaps else None
+        scores, errors, notes = score_to_csv(runner, samples, args, device, threshold, heatmaps)
         seconds = time.perf_counter() - start
-        report_metrics(samples, scores, threshold, threshold_source, args)
+        report_metrics(samples, scores, threshold, threshold_source, args, heatmaps)
         return Run(summarize(samples, scores, errors, notes, threshold, threshold_source, seconds,
                              args), seconds)
     except CRBLError as exc:

@@ -238,7 +238,8 @@ def load_data(args) -> dict:
         if not (data_dir / "test.csv").is_file():  # a resumed demo reuses its images
             counts = make_demo_dataset(data_dir, seed=args.seed, **DEMO_IMAGES)
             print(f"demo: wrote {counts['train']} training and {counts['test']} test images "
-                  f"({DEMO_IMAGES['size']} px textures; defects: scratch, blob, stain) to {data_dir}")
+                  f"({DEMO_IMAGES['size']} px textures; defects: scratch, blob, stain, with masks) "
+                  f"to {data_dir}")
     where_train = where_val = None
     if args.train_csv:
         train = read_manifest(args.train_csv, args.image_dir, require_label=True)
