@@ -374,8 +374,8 @@ def explain_failure(path: Path, exc: BaseException, c_text: str = "") -> str:
             return missing
     if isinstance(exc, Image.UnidentifiedImageError):
         return not_an_image(head)
-    if _document_kind(head):  # e.g. HDF5: Pillow identifies it, with a stub and no decoder
-        return f"not an image: the file is {_document_kind(head)}"
+    if kind := _document_kind(head):  # e.g. HDF5: Pillow identifies it, with a stub and no decoder
+        return f"not an image: the file is {kind}"
     stub = re.match(r"cannot find loader for this (\S+) file", detail)
     if stub:
         return (f"a {stub.group(1)} file: Pillow identifies the format but has no decoder for it "
@@ -736,6 +736,17 @@ def worker_init_for(device) -> Any:
     return functools.partial(worker_init, below_model=device.kind == "cpu")
 
 
+def loader_workers(requested: int, device) -> dict:
+    """DataLoader arguments for `--workers requested` (-1: auto_workers) feeding a model on
+    get_device()'s device: num_workers, worker_init_fn, pin_memory. With workers, this process
+    is readied for forking them first (before_workers_start)."""
+    workers = requested if requested >= 0 else auto_workers(device)
+    if workers:
+        before_workers_start()
+    return dict(num_workers=workers, worker_init_fn=worker_init_for(device) if workers else None,
+                pin_memory=device.cuda_like)
+
+
 def auto_workers(device) -> int:
     """DataLoader processes for `--workers -1`, given get_device()'s DeviceInfo."""
     cores = os.cpu_count() or 1
@@ -835,6 +846,11 @@ def save_metric_plots(labels: Sequence[int], scores: Sequence[float], threshold:
 NORMAL_CLASS_NAMES = ("good", "normal", "ok", "0", "class_0")
 
 
+def class_label(folder_name: str) -> int:
+    """The label a class folder gives its images: 0 for a NORMAL_CLASS_NAMES name, else 1."""
+    return 0 if folder_name.lower() in NORMAL_CLASS_NAMES else 1
+
+
 def scan_class_folders(root: str | os.PathLike) -> list[Sample]:
     """Labelled samples of root/<class>/**/image: good/normal/ok/0/class_0 = 0, others = 1.
 
@@ -851,7 +867,7 @@ def scan_class_folders(root: str | os.PathLike) -> list[Sample]:
                         f"move them into {root}/good/ (normal) or {root}/<defect name>/ (anomaly)")
     samples = []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        label = 0 if class_dir.name.lower() in NORMAL_CLASS_NAMES else 1
+        label = class_label(class_dir.name)
         found, _ = scan_folder(class_dir)
         samples += [Sample(s.path, f"{class_dir.name}/{s.image_path}", label) for s in found]
     return samples
@@ -1152,6 +1168,7 @@ def make_demo_dataset(root: str | os.PathLike, train_per_class: int = 48, test_p
     for split, per_class in (("train", train_per_class), ("test", test_per_class)):
         masks = "ground_truth" if split == "test" else "ground_truth_train"
         rows = []
+        (root / masks / "defect").mkdir(parents=True, exist_ok=True)
         for label, cls in ((0, "good"), (1, "defect")):
             (root / split / cls).mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
@@ -1162,7 +1179,6 @@ def make_demo_dataset(root: str | os.PathLike, train_per_class: int = 48, test_p
                 mask_path = ""
                 if mask is not None:
                     mask_path = f"{masks}/{cls}/{name}_mask.png"
-                    (root / mask_path).parent.mkdir(parents=True, exist_ok=True)
                     Image.fromarray(mask).save(root / mask_path)
                 rows.append((f"{split}/{cls}/{name}.png", label, mask_path))
         with open(root / f"{split}.csv", "w", newline="", encoding="utf-8") as f:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dataset_pytorch_directml import class_label, load_rgb_uint8
 from fast_paths_pytorch_directml import InferenceRunner
 from model_pytorch_directml import CRBLError, CRBLModel, autocast
 
@@ -126,12 +127,11 @@ def mvtec_mask(image: Path) -> tuple[int, Path | None] | None:
     """(label, mask or None) of an image in MVTec AD's test layout, <root>/test/<defect>/<name>
     with masks in <root>/ground_truth/<defect>/<name>_mask.png; None outside that layout.
     good/ images are normal (no mask); a defect image without its mask file gets None."""
-    from dataset_pytorch_directml import NORMAL_CLASS_NAMES
     test_dir = image.parent.parent
     ground_truth = test_dir.parent / "ground_truth"
     if test_dir.name != "test" or not ground_truth.is_dir():
         return None
-    if image.parent.name.lower() in NORMAL_CLASS_NAMES:
+    if class_label(image.parent.name) == 0:
         return 0, None
     mask = ground_truth / image.parent.name / f"{image.stem}_mask.png"
     return 1, mask if mask.is_file() else None
@@ -139,7 +139,6 @@ def mvtec_mask(image: Path) -> tuple[int, Path | None] | None:
 
 def load_mask(path: str | os.PathLike) -> np.ndarray:
     """A defect mask as bool (H, W): any non-zero pixel is defect."""
-    from dataset_pytorch_directml import load_rgb_uint8
     return load_rgb_uint8(path).any(axis=2)
 
 
@@ -259,7 +258,6 @@ class HeatmapWriter:
 
     def add(self, sample, score: float, heatmap: np.ndarray) -> tuple[int, int]:
         """Write the sample's overlay; returns its peak (x, y) in the image's pixels."""
-        from dataset_pytorch_directml import load_rgb_uint8
         image = load_rgb_uint8(sample.path)  # at its own size, EXIF orientation applied
         height, width = image.shape[:2]
         peak_xy = peak(heatmap, width, height)

@@ -32,9 +32,9 @@ try:
     import torch
     from torch.utils.data import DataLoader
 
-    from dataset_pytorch_directml import (Sample, TestDataset, auto_workers, before_workers_start,
-                                          compute_metrics, describe_skipped, read_manifest,
-                                          save_metric_plots, scan_folder, worker_init_for)
+    from dataset_pytorch_directml import (Sample, TestDataset, compute_metrics, describe_skipped,
+                                          loader_workers, read_manifest, save_metric_plots,
+                                          scan_folder)
     from fast_paths_pytorch_directml import prepare_for_inference
     from heatmaps_pytorch_directml import (DEFAULT_HEATMAP_METHOD, HEATMAP_METHODS, HeatmapWriter,
                                            anomaly_maps, mvtec_mask, save_localisation_plot)
@@ -197,16 +197,12 @@ def make_loader(samples, image_size: int, args, device) -> DataLoader:
     then fetched several at a time, at least DECODE_AHEAD images (or one per thread), because a
     fetch has a fixed cost: the DataLoader step, the hand-off to the threads, and the OpenMP
     threads that keep their cores for a while after a forward."""
-    workers = args.workers if args.workers >= 0 else auto_workers(device)
+    workers = loader_workers(args.workers, device)
     fetch = args.batch_size
-    if not workers:
+    if not workers["num_workers"]:
         fetch *= math.ceil(max(DECODE_AHEAD, torch.get_num_threads()) / args.batch_size)
-    else:
-        before_workers_start()
     return DataLoader(TestDataset(samples, image_size, notes=True), batch_size=fetch, shuffle=False,
-                      num_workers=workers,
-                      worker_init_fn=worker_init_for(device) if workers else None,
-                      pin_memory=device.cuda_like)
+                      **workers)
 
 
 def model_batches(loader: DataLoader, batch_size: int):

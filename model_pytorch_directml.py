@@ -41,7 +41,6 @@ MODEL_TYPE_THRESHOLDS = {"crop": 0.01, "full": 0.5}
 # Keras `layers[:150]` of each backbone are frozen in the crop model (layer 150 = block5c_se_expand).
 CROP_TRAINABLE_FROM = 150
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # timm tags of the pretrained sources the original Keras backbones came from.

@@ -548,8 +548,8 @@ def run_crbl(result: Verification, info, image_size: int) -> None:
     during both go to result.fallback_ops."""
     import torch
     from model_pytorch_directml import CRBLConfig, CRBLModel, freeze_backbones
-    from train_CRBL_pytorch_directml import (CpuFallbackNotice, crbl_loss, make_optimizer,
-                                             prepare_for_training)
+    from train_CRBL_pytorch_directml import (CpuFallbackNotice, make_optimizer,
+                                             prepare_for_training, train_step)
     torch.manual_seed(0)
     model = CRBLModel(CRBLConfig(image_size=image_size))
     freeze_backbones(model, "crop")
@@ -561,8 +561,8 @@ def run_crbl(result: Verification, info, image_size: int) -> None:
     fallbacks = CpuFallbackNotice(info.kind, say=lambda _: None)
     with fallbacks():
         start = time.perf_counter()
-        crbl_loss(model(x), labels, 0.125).backward()
-        optimizer.step()
+        train_step(model, x, labels, optimizer, torch.amp.GradScaler("cuda", enabled=False), info,
+                   amp=False, smoothing=0.125, class_weights=None)
         model.head.bias.detach().cpu()  # wait for the step to finish (a sync)
         result.step_ms = (time.perf_counter() - start) * 1000
         model.eval()

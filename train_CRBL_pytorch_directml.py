@@ -36,11 +36,10 @@ try:
     from torch.utils.data import DataLoader
 
     from dataset_pytorch_directml import (ClassBalancedBatchSampler, TestDataset, TrainDataset,
-                                          auto_workers, before_workers_start, check_labelled,
-                                          compute_metrics, discover_image_folder,
-                                          make_demo_dataset, preprocess_image, read_manifest,
-                                          stratified_split, train_augmentation, verify_images,
-                                          worker_init_for)
+                                          check_labelled, compute_metrics, discover_image_folder,
+                                          loader_workers, make_demo_dataset, preprocess_image,
+                                          read_manifest, stratified_split, train_augmentation,
+                                          verify_images)
     from fast_paths_pytorch_directml import keep_freed_memory, prepare_for_inference
     from model_pytorch_directml import (MODEL_TYPE_THRESHOLDS, PRETRAINED_TAGS, CRBLConfig,
                                         CRBLError, CRBLModel, HelpFormatter, autocast,
@@ -751,17 +750,13 @@ def train_args(args) -> dict:
 def make_loaders(data, args, device, rank: int = 0, world: int = 1
                  ) -> tuple[DataLoader, DataLoader, ClassBalancedBatchSampler]:
     transform = None if args.no_augment else train_augmentation(args.image_size)
-    workers = args.workers if args.workers >= 0 else auto_workers(device)
     sampler = ClassBalancedBatchSampler([s.label for s in data["train"]], args.batch_size,
                                         args.class0_ratio, args.steps_per_epoch or None, args.seed,
                                         rank=rank, world_size=world)
-    if workers:
-        before_workers_start()
+    common = loader_workers(args.workers, device)
     # Persistent workers: no process start-up per epoch; they hold no epoch state (the sampler
     # runs in this process and sends each draw's augmentation seed).
-    common = dict(num_workers=workers,
-                  worker_init_fn=worker_init_for(device) if workers else None,
-                  persistent_workers=workers > 0, pin_memory=device.cuda_like)
+    common["persistent_workers"] = common["num_workers"] > 0
     train_loader = DataLoader(TrainDataset(data["train"], args.image_size, transform),
                               batch_sampler=sampler, **common)
     val_loader = DataLoader(TestDataset(data["val"], args.image_size), batch_size=args.batch_size,

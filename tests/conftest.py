@@ -1,4 +1,5 @@
 """Shared test fixtures: repo root on sys.path, the ../shared fixture, small helpers."""
+import csv
 import os
 import sys
 from pathlib import Path
@@ -53,3 +54,9 @@ def chunk_as_on_a_gpu(monkeypatch, module) -> None:
     chunk = mp.rows_per_chunk
     monkeypatch.setattr(module, "rows_per_chunk", lambda total, per_item, device:
                         chunk(total, per_item, torch.device("cuda")))
+
+
+def read_rows(path):
+    """The rows of a CSV the scripts wrote (UTF-8 with a byte-order mark) as dicts."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        return list(csv.DictReader(f))

@@ -127,13 +127,12 @@ def train_step_parity(pth: str, images_npz: str, model_type: str) -> dict:
                                          1e-4, 1e-6, kind)
         x, y = images.to(device), labels.to(device)
         fakedml.REC.phase = f"step_{kind}"
-        losses = []
+        losses, info = [], mp.DeviceInfo(device, kind, kind)
+        scaler = torch.amp.GradScaler("cuda", enabled=False)  # as training builds it without --amp
         for seed in (1, 2):
             torch.manual_seed(seed)  # drop path draws the same numbers on both
-            loss = train.crbl_loss(model(x), y, 0.125, (0.568, 4.17))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            _, loss = train.train_step(model, x, y, optimizer, scaler, info, amp=False,
+                                       smoothing=0.125, class_weights=(0.568, 4.17))
             losses.append(loss.detach())
         fakedml.REC.phase = "none"
         with torch.no_grad():
@@ -164,6 +163,8 @@ def main(argv: list[str]) -> int:
         elif argv[0] == "--cpu-fallback":
             replace_kernel(argv[1], fakedml._make_kernel(argv[1], "FALLBACK"))
             argv = argv[2:]
+        else:
+            raise SystemExit(f"dml_emulated.py: unknown option {argv[0]}")
     check, args = argv[0], argv[1:]
     report = {"exit": 0}
     if check == "script":

@@ -8,7 +8,6 @@ fallback for every other op. What it tells: which ops a phase would send to the 
 device->host transfers it makes, the numbers (computed on the CPU). What it cannot: DirectML
 speed and driver bugs. CPU references run in this process (the main torch).
 """
-import csv
 import json
 import os
 import subprocess
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, SHARED
+from conftest import ROOT, SHARED, read_rows
 
 import inference_CRBL_pytorch_directml as inference
 
@@ -57,11 +56,6 @@ def assert_no_fallback(report):
     fallbacks = {phase: p["fallback_where"] for phase, p in report["phases"].items()
                  if p["fallback"]}
     assert fallbacks == {}, f"ops DirectML would run on the CPU: {fallbacks}"
-
-
-def read_rows(path):
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        return list(csv.DictReader(f))
 
 
 def cpu_scores(weights, csv_path, tmp_path):

@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from test_directml_emulated import assert_no_fallback, dml_python, emulate, read_rows  # noqa: F401
+from conftest import read_rows
+from test_directml_emulated import assert_no_fallback, dml_python, emulate  # noqa: F401
 
 import inference_CRBL_pytorch_directml as inference
 from dataset_pytorch_directml import (_demo_shape, _demo_texture, make_demo_dataset,

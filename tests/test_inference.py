@@ -1,5 +1,4 @@
 """inference_CRBL_pytorch_directml.py end to end on small real files the tests write."""
-import csv
 import json
 import pickle
 import struct
@@ -11,16 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import read_rows
+
 import inference_CRBL_pytorch_directml as inference
 from fast_paths_pytorch_directml import InferenceRunner
 from model_pytorch_directml import CRBLConfig, CRBLModel, save_checkpoint
 
 SIZE = 64  # small model input keeps CPU runs at a few seconds
-
-
-def read_rows(path):
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        return list(csv.DictReader(f))
 
 
 def run(*args):

@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from conftest import read_rows
+
 import inference_CRBL_pytorch_directml as inference
 import train_CRBL_pytorch_directml as train_script
 from dataset_pytorch_directml import (ClassBalancedBatchSampler, Sample, TrainDataset,
@@ -30,11 +32,6 @@ def one_thread():
 
 def train(*args) -> int:
     return train_script.main([*map(str, args), "--device", "cpu", "--no-progress"])
-
-
-def read_rows(path):
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        return list(csv.DictReader(f))
 
 
 def write_csv(path, rows):
