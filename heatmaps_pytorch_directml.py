@@ -1,18 +1,22 @@
 """Where the impurity is: heatmaps of a CRBL model's decision, defect masks and pixel metrics.
 
-A map says, per pixel of the model's input, how strongly the logit responds to that pixel: the
-gradient of the logit with respect to the image, one backward pass after the forward that
-scores it (anomaly_maps). Methods (HEATMAP_METHODS), chosen by measurement on a synthetic task
+A map says, per pixel of the model's input, how strongly the head's reading of the image
+responds to that pixel: a gradient with respect to the image, one backward pass through the
+backbones after the forward that scores it (anomaly_maps). The head's part of that gradient is
+written out in closed form. Methods (HEATMAP_METHODS), chosen by measurement on a synthetic task
 whose every image also carries harmless marks as contrasty as its defects (docs/heatmaps.md):
 
-- "gradient": max over RGB of |d logit / d pixel|, Gaussian-blurred (sigma = size / 64);
-  the best pointing game;
-- "gradient-x-input": |Σ_RGB d logit / d pixel · (pixel − its blurred surroundings)|, blurred
-  (sigma = size / 32): what the image's local detail adds to the logit, to first order; the
-  best pixel AUROC.
+- "evidence" (default): the gradient of the head's evidence w·y / ‖y‖ with the normaliser ‖y‖
+  held at its value. The logit is scale-free in phi, so in the exact gradient the normaliser's
+  term pulls against the weights' term wherever the image is strong, the defect included, and
+  what is left points at whatever is contrasty; holding the normaliser (as layer-wise relevance
+  propagation does with normalisation layers) leaves what the head's weights read.
+- "gradient": the exact d logit / d pixel, the textbook saliency map.
 
+Both take the max over RGB of the gradient's magnitude, Gaussian-blurred (sigma = size / 64).
 Gradient-weighted maps of the 4×4 (128 px) feature grid (Grad-CAM, the bilinear split
-a_pᵀ·G·b_p) and removing one grid cell's outer product were measured too and did not localise.
+a_pᵀ·G·b_p), removing one grid cell's outer product and occlusion were measured too and did not
+point at the defect.
 """
 from __future__ import annotations
 
@@ -29,15 +33,16 @@ from dataset_pytorch_directml import class_label, load_rgb_uint8
 from fast_paths_pytorch_directml import InferenceRunner
 from model_pytorch_directml import CRBLError, CRBLModel, autocast
 
-DEFAULT_HEATMAP_METHOD = "gradient"
-HEATMAP_METHODS = ("gradient", "gradient-x-input")
-# Images whose head gradient is taken at once: phi and its temporaries are 6.5 MB per image each.
+DEFAULT_HEATMAP_METHOD = "evidence"
+HEATMAP_METHODS = ("evidence", "gradient")
+# Images whose head gradient is taken at once: phi and each of its temporaries are 6.5 MB per
+# image.
 HEAD_CHUNK = 8
 
 
 @dataclass
 class Heatmaps:
-    logits: torch.Tensor  # (N,) float32, the logits the maps explain
+    logits: torch.Tensor  # (N,) float32, the logits of the images the maps explain
     maps: torch.Tensor    # (N, S, S) float32 >= 0 over the model's input pixels
 
 
@@ -59,27 +64,51 @@ def anomaly_maps(model: CRBLModel | InferenceRunner, images: torch.Tensor,
         with torch.enable_grad():
             x = images.detach().clone().float().requires_grad_(True)
             a, b = runner.backbone_maps(x) if runner else crbl.features(x)
-            logits, grad_a, grad_b = _head_and_feature_grads(crbl, a.detach(), b.detach())
+            logits, grad_a, grad_b = head_gradients(crbl, a.detach(), b.detach(),
+                                                    exact=method == "gradient")
             grad_x, = torch.autograd.grad((a, b), x, (grad_a.to(a.dtype), grad_b.to(b.dtype)))
-        with torch.no_grad():
-            return Heatmaps(logits, _METHODS[method](grad_x, x.detach()))
+    with torch.no_grad():
+        return Heatmaps(logits, gaussian_blur(grad_x.abs().amax(1, keepdim=True),
+                                              x.shape[-1] / 64)[:, 0])
 
 
-def _head_and_feature_grads(model: CRBLModel, a: torch.Tensor, b: torch.Tensor
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The head's logits and d logit / d features, a few images at a time (phi is 1280² per
-    image); float32 as in CRBLModel.forward."""
+def head_gradients(model: CRBLModel, a: torch.Tensor, b: torch.Tensor, exact: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The head's logits and the gradient of its reading with respect to the two feature maps,
+    in closed form, a few images at a time (phi is 1280² per image), float32 as in
+    CRBLModel.forward.
+
+    With phi = A·Bᵀ / HW, y = sign(phi)·sqrt(|phi| + eps), n = ‖y‖ and logit = w·y / n + bias:
+    d logit / d phi = (w / n − (w·y / n³)·y) / (2·sqrt(|phi| + eps)) (exact), or without the
+    normaliser's term (exact=False: the evidence, n held); then d / dA = G·B / HW and
+    d / dB = Gᵀ·A / HW.
+    """
+    channels, height, width = a.shape[1:]
+    cells = height * width
+    weight = model.head.weight.detach().float().view(channels, channels)
+    bias = model.head.bias.detach().float()
     logits, grads_a, grads_b = [], [], []
     with autocast(a.device.type, enabled=False):
         for start in range(0, len(a), HEAD_CHUNK):
-            a_part = a[start:start + HEAD_CHUNK].float().requires_grad_(True)
-            b_part = b[start:start + HEAD_CHUNK].float().requires_grad_(True)
-            logit = model.head(model.pool(a_part, b_part))[:, 0]
-            grad_a, grad_b = torch.autograd.grad(logit.sum(), (a_part, b_part))
-            logits.append(logit.detach())
-            grads_a.append(grad_a)
-            grads_b.append(grad_b)
-    return torch.cat(logits), torch.cat(grads_a), torch.cat(grads_b)
+            a_part = a[start:start + HEAD_CHUNK].float().reshape(-1, channels, cells)
+            b_part = b[start:start + HEAD_CHUNK].float().reshape(-1, channels, cells)
+            phi = torch.bmm(a_part, b_part.transpose(1, 2)).div_(cells)
+            root = phi.abs().add_(model.pool.eps).sqrt_()
+            y = torch.sign(phi).mul_(root)
+            norm = (y * y).sum((1, 2), keepdim=True).clamp_(min=model.pool.l2_eps).sqrt_()
+            z = y.div_(norm)  # what BilinearPooling returns; the head's Linear as in forward
+            logit = F.linear(z.view(len(z), -1), model.head.weight, model.head.bias)
+            logits.append(logit.detach().flatten())
+            grad = weight / norm
+            if exact:  # (w·y / n³)·y = (w·z / n)·z
+                grad.sub_(z.mul_((logit.detach() - bias).view(-1, 1, 1) / norm))
+            # d sign(phi)·sqrt(|phi|) / d phi is 0 where phi is exactly 0 (a channel that never
+            # fires), not 1 / (2·sqrt(eps)): as autograd has it
+            grad.div_(root.mul_(2 * cells)).masked_fill_(phi == 0, 0)
+            grads_a.append(torch.bmm(grad, b_part))
+            grads_b.append(torch.bmm(grad.transpose(1, 2), a_part))
+    return (torch.cat(logits), torch.cat(grads_a).view(a.shape),
+            torch.cat(grads_b).view(b.shape))
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -94,20 +123,6 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
                     groups=c)
     return F.conv2d(maps, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), padding=(radius, 0),
                     groups=c)
-
-
-def _gradient(grad_x: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    size = x.shape[-1]
-    return gaussian_blur(grad_x.abs().amax(1, keepdim=True), size / 64)[:, 0]
-
-
-def _gradient_x_input(grad_x: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    size = x.shape[-1]
-    detail = x - gaussian_blur(x, size / 16)
-    return gaussian_blur((grad_x * detail).sum(1, keepdim=True).abs(), size / 32)[:, 0]
-
-
-_METHODS = {"gradient": _gradient, "gradient-x-input": _gradient_x_input}
 
 
 def peak(heatmap: np.ndarray, width: int, height: int) -> tuple[int, int]:

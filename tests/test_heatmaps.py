@@ -15,7 +15,8 @@ import inference_CRBL_pytorch_directml as inference
 from dataset_pytorch_directml import (_demo_shape, _demo_texture, make_demo_dataset,
                                       preprocess_image, read_manifest)
 from heatmaps_pytorch_directml import (HEATMAP_METHODS, Localisation, anomaly_maps,
-                                       gaussian_blur, hits_mask, mvtec_mask, overlay_path, peak)
+                                       gaussian_blur, head_gradients, hits_mask, mvtec_mask,
+                                       overlay_path, peak)
 from model_pytorch_directml import CRBLError, load_model
 
 WIDTH, HEIGHT = 192, 144  # not square: peaks are scaled back to each image's own pixels
@@ -89,10 +90,36 @@ def test_maps_from_the_runner_equal_the_models(converted_fixture, method):
         fast = anomaly_maps(runner, x, method)
     assert torch.allclose(fast.logits, plain.logits, atol=1e-5)
     assert plain.maps.shape == (4, 128, 128) and (plain.maps >= 0).all()
-    # folded BatchNorm changes float32 rounding only; the peaks stay
+    # folded BatchNorm changes float32 rounding only: each runner peak is a peak of the plain
+    # map too (up to a near tie, as the random fixture's exact gradient has one)
     assert ((fast.maps - plain.maps).abs().max() <= 0.05 * plain.maps.max())
-    assert [peak(m, 128, 128) for m in fast.maps.numpy()] == \
-        [peak(m, 128, 128) for m in plain.maps.numpy()]
+    for fast_map, plain_map in zip(fast.maps.numpy(), plain.maps.numpy()):
+        x_at, y_at = peak(fast_map, 128, 128)
+        assert plain_map[y_at, x_at] >= 0.98 * plain_map.max()
+
+
+@pytest.mark.parametrize("exact", (True, False))
+def test_closed_form_head_gradients_equal_autograd(converted_fixture, exact):
+    """exact: d logit / d features as autograd takes it through BilinearPooling and the head;
+    the evidence: the same with the L2 normaliser held (detached)."""
+    model = load_model(converted_fixture[0]).eval()
+    x = torch.from_numpy(converted_fixture[1][:3]).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        a, b = model.features(x)
+    a[:, 7] = 0  # a channel that never fires: phi is exactly 0 on its row
+    a_leaf, b_leaf = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    phi = model.pool.outer(a_leaf, b_leaf).flatten(1)
+    y = torch.sign(phi) * torch.sqrt(phi.abs() + model.pool.eps)
+    norm = y.norm(dim=1, keepdim=True)
+    logit = model.head(y / (norm if exact else norm.detach()))[:, 0]
+    want_a, want_b = torch.autograd.grad(logit.sum(), (a_leaf, b_leaf))
+    logits, grad_a, grad_b = head_gradients(model, a, b, exact=exact)
+    with torch.no_grad():
+        assert torch.equal(logits, model.head(model.pool(a, b))[:, 0])
+    for got, want in ((grad_a, want_a), (grad_b, want_b)):
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    # the silent channel gets no gradient (not 1 / sqrt(eps)), the others do
+    assert grad_a[:, 7].abs().max() == 0 < grad_a.abs().max() and torch.isfinite(grad_b).all()
 
 
 def test_peak_is_in_the_original_images_pixels():
