@@ -149,6 +149,11 @@ def add_optimisation_options(optim) -> None:
                        "val_loss improvement before stopping; 0 = never stop early")
     optim.add_argument("--min-delta", type=float, default=1e-6, help="smallest val_loss "
                        "decrease that counts as an improvement for early stopping")
+    optim.add_argument("--recalibrate-bn", action="store_true", help="before each validation, "
+                       "set the trainable BatchNorm layers' running statistics from up to 128 "
+                       "training images: with Keras's momentum 0.99 they lag weights that change "
+                       "fast (a low --trainable-from), and validation, best.pth, the learning "
+                       "rate and early stopping all read them")
     optim.add_argument("--best-metric", choices=sorted(BEST_METRICS), default="val_loss",
                        help="what best.pth is chosen on")
     optim.add_argument("--threshold-rule", choices=("f1", "youden"), default="f1",
@@ -294,25 +299,32 @@ def build_model(args, resume: dict | None) -> tuple[CRBLModel, dict]:
 
 
 @torch.no_grad()
-def calibrate_batchnorm(model: CRBLModel, samples, args, device, max_images: int = 128) -> int:
-    """--init none: set every BatchNorm's running statistics from training images.
+def calibrate_batchnorm(model: CRBLModel, samples, args, device, max_images: int = 128,
+                        trainable_only: bool = False) -> int:
+    """Set BatchNorm running statistics from training images: every layer's for --init none,
+    the trainable layers' before each validation with --recalibrate-bn.
 
     With random weights and unit running statistics the activations shrink layer after layer
     (to ~1e-7 at the top: the bilinear vector is then mostly its 1e-12 epsilon), so frozen
-    layers would pass on nothing to learn from. One batch of all calibration images: averaging
-    small-batch variances would miss the spread between batches, and the error grows with
-    depth. Weights are not changed. Returns the number of images used.
+    layers would pass on nothing to learn from. While fine-tuning, Keras's momentum 0.99 keeps
+    the statistics of weights many steps old, and validation reads them. One batch of the same
+    seeded calibration images each time: averaging small-batch variances would miss the spread
+    between batches, and the error grows with depth. Weights are not changed, and training's
+    own steps use batch statistics, so the run's trajectory is the same. Returns the number of
+    images used.
     """
     g = torch.Generator().manual_seed(args.seed)
     subset = [samples[i] for i in torch.randperm(len(samples), generator=g)[:max_images].tolist()]
     images = torch.stack([preprocess_image(s.path, args.image_size) for s in subset])
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    frozen = set(frozen_batchnorms(model)) if trainable_only else set()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) and m not in frozen]
     momenta = [m.momentum for m in norms]
     model.eval()  # no drop-path; only the BatchNorms below collect statistics
     for m in norms:
         m.momentum = 1.0  # running statistics := this batch's
         m.train()
-    model.features(to_device(images, device))
+    with torch.no_grad():
+        model.features(to_device(images, device))
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     model.eval()
@@ -799,6 +811,8 @@ def fit(args, model, device, data, resume, rank: int = 0, world: int = 1) -> tup
         lr = optimizer.param_groups[0]["lr"]
         train = gather_epoch(train_one_epoch(net, train_loader, optimizer, scaler, device, args,
                                              epoch, fallback, bn_watch), world)
+        if args.recalibrate_bn:
+            calibrate_batchnorm(model, data["train"], args, device, trainable_only=True)
         val = validate(model, val_loader, device, args, epoch)
         threshold = choose_threshold(val["labels"], val["scores"], args.threshold_rule)
         row = epoch_row(epoch, lr, train, val, threshold, time.perf_counter() - started)

@@ -15,7 +15,8 @@ import inference_CRBL_pytorch_directml as inference
 import train_CRBL_pytorch_directml as train_script
 from dataset_pytorch_directml import (ClassBalancedBatchSampler, Sample, TrainDataset,
                                       make_demo_dataset, verify_images)
-from model_pytorch_directml import CRBLConfig, CRBLError, CRBLModel, load_checkpoint, save_checkpoint
+from model_pytorch_directml import (CRBLConfig, CRBLError, CRBLModel, frozen_batchnorms, get_device,
+                                    load_checkpoint, save_checkpoint)
 
 SIZE = 32
 
@@ -243,6 +244,39 @@ def test_crop_freezing_matches_keras_layer_150(resume_runs, init_checkpoint):
     assert not torch.equal(before["backbone1.body.bn2.running_var"], after["backbone1.body.bn2.running_var"])
     assert torch.equal(before["backbone1.body.blocks.4.2.bn2.running_var"],
                        after["backbone1.body.blocks.4.2.bn2.running_var"])
+
+
+def test_recalibrate_bn_sets_the_trainable_statistics_and_nothing_else(tiny_data, init_checkpoint,
+                                                                      tmp_path):
+    common = ["--data-dir", tiny_data, "--init", init_checkpoint, "--batch-size", 8,
+              "--epochs", 2, "--workers", 0]
+    assert train(*common, "--output-dir", tmp_path / "plain") == 0
+    assert train(*common, "--recalibrate-bn", "--output-dir", tmp_path / "recal") == 0
+    init, plain, recal = (load_checkpoint(p)["state_dict"] for p in (
+        init_checkpoint, tmp_path / "plain" / "last.pth", tmp_path / "recal" / "last.pth"))
+    model = CRBLModel(CRBLConfig(image_size=SIZE))
+    train_script.freeze_backbones(model, "crop")
+    frozen = {name for name, m in model.named_modules() if m in set(frozen_batchnorms(model))}
+    for name, value in recal.items():
+        if name.endswith(("running_mean", "running_var")):
+            if name.rsplit(".", 1)[0] in frozen:  # frozen layers keep the Keras statistics
+                assert torch.equal(value, init[name]) and torch.equal(value, plain[name]), name
+            else:
+                assert not torch.equal(value, plain[name]), name
+        elif not name.endswith("num_batches_tracked"):  # training's steps are the same
+            assert torch.equal(value, plain[name]), name
+    # the statistics are the last weights' on the seeded calibration images
+    args = train_script.parse_args([str(a) for a in common] + ["--recalibrate-bn"])
+    train_script.resolve_options(args)
+    args.image_size = SIZE
+    model.load_state_dict(plain)
+    model = train_script.prepare_for_training(model, get_device("cpu"))  # as training runs it
+    used = train_script.calibrate_batchnorm(model, train_script.load_data(args)["train"], args,
+                                            get_device("cpu"), trainable_only=True)
+    assert used == 16  # every training image (at most 128)
+    for name, value in model.state_dict().items():
+        if name.endswith(("running_mean", "running_var")):
+            assert torch.equal(value, recal[name]), name
 
 
 def test_demo_learns_and_inference_reproduces_validation_scores(tmp_path, capsys):
