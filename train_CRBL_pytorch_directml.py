@@ -313,18 +313,19 @@ def calibrate_batchnorm(model: CRBLModel, samples, args, device, max_images: int
     own steps use batch statistics, so the run's trajectory is the same. Returns the number of
     images used.
     """
+    frozen = set(frozen_batchnorms(model)) if trainable_only else set()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) and m not in frozen]
+    if not norms:  # --model-type full: every BatchNorm is frozen
+        return 0
     g = torch.Generator().manual_seed(args.seed)
     subset = [samples[i] for i in torch.randperm(len(samples), generator=g)[:max_images].tolist()]
     images = torch.stack([preprocess_image(s.path, args.image_size) for s in subset])
-    frozen = set(frozen_batchnorms(model)) if trainable_only else set()
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) and m not in frozen]
     momenta = [m.momentum for m in norms]
     model.eval()  # no drop-path; only the BatchNorms below collect statistics
     for m in norms:
         m.momentum = 1.0  # running statistics := this batch's
         m.train()
-    with torch.no_grad():
-        model.features(to_device(images, device))
+    model.features(to_device(images, device))
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     model.eval()

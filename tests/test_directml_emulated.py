@@ -73,13 +73,15 @@ def test_training_on_dml_has_no_cpu_fallback_and_one_read_per_epoch(dml_python, 
     run_dir = tmp_path / "run"
     report, text = emulate(dml_python, tmp_path, "script", "train_CRBL_pytorch_directml.py",
                            "--demo", "--device", "dml", "--epochs", 1, "--steps-per-epoch",
-                           steps, "--model-type", model_type, "--output-dir", run_dir,
-                           "--no-progress")
+                           steps, "--model-type", model_type, "--recalibrate-bn",
+                           "--output-dir", run_dir, "--no-progress")
     phases = report["phases"]
     assert_no_fallback(report)
     assert "runs aten::" not in text  # CpuFallbackNotice said nothing
-    # --demo's --init none calibrates the BatchNorms; a step, validation, the threshold:
-    for phase in ("calibrate_batchnorm", "train_one_epoch", "validate", "choose_threshold"):
+    # --demo's --init none calibrates the BatchNorms, --recalibrate-bn again before validation
+    # (crop: its trainable ones; full has none); a step, validation, the threshold:
+    assert phases["calibrate_batchnorm"]["calls"] == 2
+    for phase in ("train_one_epoch", "validate", "choose_threshold"):
         assert phases[phase]["calls"] == 1, phase
     for phase in ("calibrate_batchnorm", "train_one_epoch", "validate"):
         assert phases[phase]["native"] > 100, phase  # they did run on the device
