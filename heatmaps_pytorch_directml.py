@@ -6,17 +6,21 @@ backbones after the forward that scores it (anomaly_maps). The head's part of th
 written out in closed form. Methods (HEATMAP_METHODS), chosen by measurement on a synthetic task
 whose every image also carries harmless marks as contrasty as its defects (docs/heatmaps.md):
 
-- "evidence" (default): the gradient of the head's evidence w·y / ‖y‖ with the normaliser ‖y‖
-  held at its value. The logit is scale-free in phi, so in the exact gradient the normaliser's
-  term pulls against the weights' term wherever the image is strong, the defect included, and
-  what is left points at whatever is contrasty; holding the normaliser (as layer-wise relevance
-  propagation does with normalisation layers) leaves what the head's weights read.
+- "evidence-checked" (default): the evidence map, its strongest peaks checked by blurring each
+  out of the image and scoring it again (checked_peaks): a gradient shows what the score is
+  sensitive to, and a harmless mark can draw as much of it as the defect while taking the mark
+  away hardly moves the score;
+- "evidence": the gradient of the head's evidence w·y / ‖y‖ with the normaliser ‖y‖ held at
+  its value. The logit is scale-free in phi, so in the exact gradient the normaliser's term
+  pulls against the weights' term wherever the image is strong, the defect included, and what
+  is left points at whatever is contrasty; holding the normaliser (as layer-wise relevance
+  propagation does with normalisation layers) leaves what the head's weights read;
 - "gradient": the exact d logit / d pixel, the textbook saliency map.
 
-Both take the max over RGB of the gradient's magnitude, Gaussian-blurred (sigma = size / 64).
+The gradient maps are the max over RGB of its magnitude, Gaussian-blurred (sigma = size / 64).
 Gradient-weighted maps of the 4×4 (128 px) feature grid (Grad-CAM, the bilinear split
-a_pᵀ·G·b_p), removing one grid cell's outer product and occlusion were measured too and did not
-point at the defect.
+a_pᵀ·G·b_p), removing one grid cell's outer product and grey-patch occlusion were measured too
+and did not point at the defect.
 """
 from __future__ import annotations
 
@@ -33,8 +37,14 @@ from dataset_pytorch_directml import class_label, load_rgb_uint8
 from fast_paths_pytorch_directml import InferenceRunner
 from model_pytorch_directml import CRBLError, CRBLModel, autocast
 
-DEFAULT_HEATMAP_METHOD = "evidence"
-HEATMAP_METHODS = ("evidence", "gradient")
+DEFAULT_HEATMAP_METHOD = "evidence-checked"
+HEATMAP_METHODS = ("evidence-checked", "evidence", "gradient")
+# evidence-checked: how many of the evidence map's strongest separate peaks are checked, the
+# radius of the disk blurred out around each (a share of the image side), and the weight left
+# where no check lowered the score.
+CHECK_PEAKS = 3
+CHECK_RADIUS = 1 / 8
+CHECK_FLOOR = 0.1
 # Images whose head gradient is taken at once: phi and each of its temporaries are 6.5 MB per
 # image.
 HEAD_CHUNK = 8
@@ -68,8 +78,42 @@ def anomaly_maps(model: CRBLModel | InferenceRunner, images: torch.Tensor,
                                                     exact=method == "gradient")
             grad_x, = torch.autograd.grad((a, b), x, (grad_a.to(a.dtype), grad_b.to(b.dtype)))
     with torch.no_grad():
-        return Heatmaps(logits, gaussian_blur(grad_x.abs().amax(1, keepdim=True),
-                                              x.shape[-1] / 64)[:, 0])
+        maps = gaussian_blur(grad_x.abs().amax(1, keepdim=True), x.shape[-1] / 64)[:, 0]
+        if method == "evidence-checked":
+            maps = checked_peaks(model, images.float(), logits, maps)
+        return Heatmaps(logits, maps)
+
+
+def checked_peaks(model, x: torch.Tensor, logits: torch.Tensor, maps: torch.Tensor
+                  ) -> torch.Tensor:
+    """The maps weighted by what their strongest peaks are worth to the score: each of
+    CHECK_PEAKS separate peaks (CHECK_RADIUS apart) is blurred out of the image (a disk of that
+    radius replaced by the image blurred at size / 16) and the image scored again; a peak's disk
+    keeps the map in proportion to the logit it took away (the largest drop keeps all of it),
+    the rest of the map keeps CHECK_FLOOR. A gradient says what the score is sensitive to, and a
+    contrasty harmless mark can draw one as strongly as the defect; taking the mark away
+    hardly moves the score, taking the defect away does. CHECK_PEAKS more forwards a batch, no
+    backward; model is anything that maps images to logits (a CRBLModel or the runner).
+    """
+    size = x.shape[-1]
+    radius = size * CHECK_RADIUS
+    coords = torch.arange(size, dtype=torch.float32, device=x.device)
+    blurred = gaussian_blur(x, size / 16) / gaussian_blur(torch.ones_like(x[:1, :1]), size / 16)
+    search, disks, drops = maps, [], []
+    for _ in range(CHECK_PEAKS):
+        # the peak's row and column in float: exact up to 4096 px, and no integer division
+        index = search.flatten(1).argmax(1).float()
+        row = torch.floor(index / size)
+        column = index - row * size
+        disk = (((coords.view(1, 1, -1) - column.view(-1, 1, 1)) ** 2
+                 + (coords.view(1, -1, 1) - row.view(-1, 1, 1)) ** 2) <= radius * radius).float()
+        drops.append(logits - model(x + (blurred - x) * disk[:, None]).flatten().float())
+        disks.append(disk)
+        search = search.masked_fill(disk > 0, -1.0)  # maps are >= 0: the next peak lies outside
+    drops = torch.stack(drops, 1).clamp_min(0)
+    share = drops / drops.amax(1, keepdim=True).clamp_min(1e-12)
+    kept = (share[:, :, None, None] * torch.stack(disks, 1)).amax(1)
+    return maps * (CHECK_FLOOR + (1 - CHECK_FLOOR) * kept)
 
 
 def head_gradients(model: CRBLModel, a: torch.Tensor, b: torch.Tensor, exact: bool = True

@@ -76,9 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "peak_y to the CSV; with masks (mask_path column or MVTec ground_truth/) "
                       "the metrics add pixel AUROC and the pointing game")
     heat.add_argument("--heatmap-method", choices=HEATMAP_METHODS, default=DEFAULT_HEATMAP_METHOD,
-                      help="evidence: the gradient of what the head's weights read, its "
-                      "normalisation held (points at the defect, not at whatever is contrasty); "
-                      "gradient: the exact |d logit / d pixel|")
+                      help="evidence-checked: the evidence map with its 3 strongest peaks "
+                      "checked by blurring each out and scoring again (3 more forwards a batch); "
+                      "evidence: the gradient of what the head's weights read, its "
+                      "normalisation held; gradient: the exact |d logit / d pixel|")
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--device", default="auto", help="auto, dml[:N], cuda[:N], rocm or cpu")
     runtime.add_argument("--batch-size", type=int, default=32, help="images per forward pass")

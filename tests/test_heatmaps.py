@@ -14,9 +14,9 @@ from test_directml_emulated import assert_no_fallback, dml_python, emulate  # no
 import inference_CRBL_pytorch_directml as inference
 from dataset_pytorch_directml import (_demo_shape, _demo_texture, make_demo_dataset,
                                       preprocess_image, read_manifest)
-from heatmaps_pytorch_directml import (HEATMAP_METHODS, Localisation, anomaly_maps,
-                                       gaussian_blur, head_gradients, hits_mask, mvtec_mask,
-                                       overlay_path, peak)
+from heatmaps_pytorch_directml import (CHECK_FLOOR, HEATMAP_METHODS, Localisation, anomaly_maps,
+                                       checked_peaks, gaussian_blur, head_gradients, hits_mask,
+                                       mvtec_mask, overlay_path, peak)
 from model_pytorch_directml import CRBLError, load_model
 
 WIDTH, HEIGHT = 192, 144  # not square: peaks are scaled back to each image's own pixels
@@ -51,12 +51,16 @@ def pointing_game(maps, masks):
 
 
 def test_maps_point_at_the_defect_and_a_wrong_map_fails(converted_fixture, tmp_path):
+    """The evidence map of the converted fixture. (Its random weights score nothing in
+    particular, so the default's check, which keeps the peak whose removal lowers the score,
+    has nothing to go by here: test_checked_peaks_... tests it with a scorer that does.)"""
     pth = converted_fixture[0]
     task = fixed_task(tmp_path)
     out = tmp_path / "preds.csv"
     assert inference.main([str(a) for a in (
         "--weights", pth, "--input", task, "--output", out, "--device", "cpu",
-        "--heatmaps", tmp_path / "maps", "--batch-size", 4, "--no-progress")]) == 0
+        "--heatmaps", tmp_path / "maps", "--heatmap-method", "evidence", "--batch-size", 4,
+        "--no-progress")]) == 0
     metrics = json.loads((tmp_path / "preds_metrics.json").read_text())
     assert metrics["pointing_game"] >= 0.8 and metrics["pointing_game_images"] == 10
     assert metrics["pixel_auroc"] >= 0.85 and metrics["pixel_metric_images"] == 12
@@ -68,7 +72,7 @@ def test_maps_point_at_the_defect_and_a_wrong_map_fails(converted_fixture, tmp_p
     samples = read_manifest(task, masks=True)[:10]
     model = load_model(pth)
     x = torch.stack([preprocess_image(s.path, 128) for s in samples])
-    maps = anomaly_maps(model, x).maps.numpy()
+    maps = anomaly_maps(model, x, "evidence").maps.numpy()
     assert [(int(r["peak_x"]), int(r["peak_y"])) for r in rows[:10]] == \
         [peak(h, WIDTH, HEIGHT) for h in maps]
     masks = [np.asarray(Image.open(s.mask_path)) > 0 for s in samples]
@@ -120,6 +124,28 @@ def test_closed_form_head_gradients_equal_autograd(converted_fixture, exact):
         assert (got - want).abs().max() <= 1e-5 * want.abs().max()
     # the silent channel gets no gradient (not 1 / sqrt(eps)), the others do
     assert grad_a[:, 7].abs().max() == 0 < grad_a.abs().max() and torch.isfinite(grad_b).all()
+
+
+def test_checked_peaks_keep_the_peak_whose_removal_lowers_the_score():
+    """A map whose strongest peak is on a harmless mark and a weaker one on the defect: the
+    check moves the peak to the defect; where nothing lowers the score the map only scales."""
+    size = 64
+    x = torch.full((2, 3, size, size), 0.5)
+    x[0, :, 40:46, 10:16] = 0.1  # the defect (image 0 only)
+    x[:, :, 10:16, 40:46] = 0.9  # a bright mark on both
+
+    def model(images):  # a toy scorer: how dark the defect's place is
+        return 10 * (0.5 - images[:, :, 40:46, 10:16].mean((1, 2, 3))).view(-1, 1)
+    maps = torch.zeros(2, 1, size, size)
+    maps[:, 0, 13, 43] = 1.0  # the strongest peak, on the mark
+    maps[:, 0, 43, 13] = 0.6  # a weaker one, on the defect
+    maps = gaussian_blur(maps, 2)[:, 0]
+    assert peak(maps[0].numpy(), size, size) == (43, 13)
+    out = checked_peaks(model, x, model(x).flatten(), maps)
+    assert out.shape == maps.shape and (out >= 0).all()
+    x_at, y_at = peak(out[0].numpy(), size, size)
+    assert 10 <= x_at < 16 and 40 <= y_at < 46
+    torch.testing.assert_close(out[1], maps[1] * CHECK_FLOOR)  # normal: no drop anywhere
 
 
 def test_peak_is_in_the_original_images_pixels():
