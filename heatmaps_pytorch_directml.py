@@ -7,9 +7,7 @@ written out in closed form. Methods (HEATMAP_METHODS), chosen by measurement on 
 whose every image also carries harmless marks as contrasty as its defects (docs/heatmaps.md):
 
 - "evidence-checked" (default): the evidence map, its strongest peaks checked by blurring each
-  out of the image and scoring it again (checked_peaks): a gradient shows what the score is
-  sensitive to, and a harmless mark can draw as much of it as the defect while taking the mark
-  away hardly moves the score;
+  out of the image and scoring it again (checked_peaks: the peak the score depends on wins);
 - "evidence": the gradient of the head's evidence w·y / ‖y‖ with the normaliser ‖y‖ held at
   its value. The logit is scale-free in phi, so in the exact gradient the normaliser's term
   pulls against the weights' term wherever the image is strong, the defect included, and what
@@ -28,6 +26,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -39,12 +38,14 @@ from model_pytorch_directml import CRBLError, CRBLModel, autocast
 
 DEFAULT_HEATMAP_METHOD = "evidence-checked"
 HEATMAP_METHODS = ("evidence-checked", "evidence", "gradient")
-# evidence-checked: how many of the evidence map's strongest separate peaks are checked, the
-# radius of the disk blurred out around each (a share of the image side), and the weight left
-# where no check lowered the score.
+# evidence-checked: how many of the evidence map's strongest peaks are checked, the radius of
+# the disk blurred out around each (a share of the image side; peaks are two radii apart, so
+# the disks never overlap), the weight left where no check lowered the score, and the logit drop
+# that counts in full (a smaller one, as blurring any spot of a normal image gives, keeps less).
 CHECK_PEAKS = 3
 CHECK_RADIUS = 1 / 8
 CHECK_FLOOR = 0.1
+CHECK_FULL_DROP = 1.0
 # Images whose head gradient is taken at once: phi and each of its temporaries are 6.5 MB per
 # image.
 HEAD_CHUNK = 8
@@ -62,8 +63,9 @@ def anomaly_maps(model: CRBLModel | InferenceRunner, images: torch.Tensor,
 
     model: a CRBLModel, or the runner prepare_for_inference made of one (its folded, joined
     backbones are the faster way; the scores then equal the runner's within float32 rounding).
-    One forward and one backward pass; samples never mix, so each map is its image's own. Works
-    inside torch.inference_mode (the maps need autograd and turn it on for themselves).
+    One forward and one backward pass (evidence-checked adds CHECK_PEAKS forwards); samples
+    never mix, so each map is its image's own. Works inside torch.inference_mode (the maps need
+    autograd and turn it on for themselves).
     """
     if method not in HEATMAP_METHODS:
         raise CRBLError(f"--heatmap-method {method!r} is unknown; choose one of "
@@ -84,16 +86,18 @@ def anomaly_maps(model: CRBLModel | InferenceRunner, images: torch.Tensor,
         return Heatmaps(logits, maps)
 
 
-def checked_peaks(model, x: torch.Tensor, logits: torch.Tensor, maps: torch.Tensor
-                  ) -> torch.Tensor:
-    """The maps weighted by what their strongest peaks are worth to the score: each of
-    CHECK_PEAKS separate peaks (CHECK_RADIUS apart) is blurred out of the image (a disk of that
-    radius replaced by the image blurred at size / 16) and the image scored again; a peak's disk
-    keeps the map in proportion to the logit it took away (the largest drop keeps all of it),
-    the rest of the map keeps CHECK_FLOOR. A gradient says what the score is sensitive to, and a
-    contrasty harmless mark can draw one as strongly as the defect; taking the mark away
-    hardly moves the score, taking the defect away does. CHECK_PEAKS more forwards a batch, no
-    backward; model is anything that maps images to logits (a CRBLModel or the runner).
+def checked_peaks(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                  logits: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """The maps weighted by what their strongest peaks are worth to the score.
+
+    Each of CHECK_PEAKS peaks (two CHECK_RADIUS apart) is blurred out of the image (a disk of
+    that radius replaced by the image blurred at size / 16) and the image scored again. A
+    peak's disk keeps the map in proportion to the logit it took away (the largest drop, if at
+    least CHECK_FULL_DROP, keeps all of it); the rest of the map keeps CHECK_FLOOR. A gradient
+    says what the score is sensitive to: a contrasty harmless mark can draw as much of it as
+    the defect, but taking the mark away hardly moves the score, taking the defect away does.
+    CHECK_PEAKS more forwards a batch, no backward; model maps images to logits (a CRBLModel
+    or the inference runner).
     """
     size = x.shape[-1]
     radius = size * CHECK_RADIUS
@@ -101,17 +105,18 @@ def checked_peaks(model, x: torch.Tensor, logits: torch.Tensor, maps: torch.Tens
     blurred = gaussian_blur(x, size / 16) / gaussian_blur(torch.ones_like(x[:1, :1]), size / 16)
     search, disks, drops = maps, [], []
     for _ in range(CHECK_PEAKS):
-        # the peak's row and column in float: exact up to 4096 px, and no integer division
-        index = search.flatten(1).argmax(1).float()
+        index = search.flatten(1).argmax(1).float()  # row and column in float: exact to 4096 px
         row = torch.floor(index / size)
         column = index - row * size
-        disk = (((coords.view(1, 1, -1) - column.view(-1, 1, 1)) ** 2
-                 + (coords.view(1, -1, 1) - row.view(-1, 1, 1)) ** 2) <= radius * radius).float()
+        distance2 = ((coords.view(1, 1, -1) - column.view(-1, 1, 1)) ** 2
+                     + (coords.view(1, -1, 1) - row.view(-1, 1, 1)) ** 2)
+        disk = (distance2 <= radius * radius).float()
         drops.append(logits - model(x + (blurred - x) * disk[:, None]).flatten().float())
         disks.append(disk)
-        search = search.masked_fill(disk > 0, -1.0)  # maps are >= 0: the next peak lies outside
+        # maps are >= 0: the next peak lies two radii away, its disk apart from this one
+        search = search.masked_fill(distance2 <= 4 * radius * radius, -1.0)
     drops = torch.stack(drops, 1).clamp_min(0)
-    share = drops / drops.amax(1, keepdim=True).clamp_min(1e-12)
+    share = drops / drops.amax(1, keepdim=True).clamp_min(CHECK_FULL_DROP)
     kept = (share[:, :, None, None] * torch.stack(disks, 1)).amax(1)
     return maps * (CHECK_FLOOR + (1 - CHECK_FLOOR) * kept)
 
@@ -141,7 +146,7 @@ def head_gradients(model: CRBLModel, a: torch.Tensor, b: torch.Tensor, exact: bo
             y = torch.sign(phi).mul_(root)
             norm = (y * y).sum((1, 2), keepdim=True).clamp_(min=model.pool.l2_eps).sqrt_()
             z = y.div_(norm)  # what BilinearPooling returns; the head's Linear as in forward
-            logit = F.linear(z.view(len(z), -1), model.head.weight, model.head.bias)
+            logit = F.linear(z.view(len(z), -1), weight.view(1, -1), bias)
             logits.append(logit.detach().flatten())
             grad = weight / norm
             if exact:  # (w·y / n³)·y = (w·z / n)·z

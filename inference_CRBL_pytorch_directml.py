@@ -36,8 +36,9 @@ try:
                                           loader_workers, read_manifest, save_metric_plots,
                                           scan_folder)
     from fast_paths_pytorch_directml import prepare_for_inference
-    from heatmaps_pytorch_directml import (DEFAULT_HEATMAP_METHOD, HEATMAP_METHODS, HeatmapWriter,
-                                           anomaly_maps, mvtec_mask, save_localisation_plot)
+    from heatmaps_pytorch_directml import (CHECK_PEAKS, DEFAULT_HEATMAP_METHOD, HEATMAP_METHODS,
+                                           HeatmapWriter, anomaly_maps, mvtec_mask,
+                                           save_localisation_plot)
     from model_pytorch_directml import (MODEL_TYPE_THRESHOLDS, CRBLError, HelpFormatter,
                                         get_device, load_model)
 except ModuleNotFoundError as exc:  # a Python without the requirements, e.g. outside the venv
@@ -76,8 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "peak_y to the CSV; with masks (mask_path column or MVTec ground_truth/) "
                       "the metrics add pixel AUROC and the pointing game")
     heat.add_argument("--heatmap-method", choices=HEATMAP_METHODS, default=DEFAULT_HEATMAP_METHOD,
-                      help="evidence-checked: the evidence map with its 3 strongest peaks "
-                      "checked by blurring each out and scoring again (3 more forwards a batch); "
+                      help=f"evidence-checked: the evidence map with its {CHECK_PEAKS} strongest "
+                      "peaks checked by blurring each out and scoring again (as many more "
+                      "forwards a batch); "
                       "evidence: the gradient of what the head's weights read, its "
                       "normalisation held; gradient: the exact |d logit / d pixel|")
     runtime = parser.add_argument_group("runtime")

@@ -310,8 +310,9 @@ def calibrate_batchnorm(model: CRBLModel, samples, args, device, max_images: int
     the statistics of weights many steps old, and validation reads them. One batch of the same
     seeded calibration images each time: averaging small-batch variances would miss the spread
     between batches, and the error grows with depth. Weights are not changed, and training's
-    own steps use batch statistics, so the run's trajectory is the same. Returns the number of
-    images used.
+    own steps use batch statistics, so each step's update is the same; what validation reads
+    changes, and with it what the learning-rate schedule and early stopping decide. Returns the
+    number of images used (0 when every BatchNorm is frozen).
     """
     frozen = set(frozen_batchnorms(model)) if trainable_only else set()
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) and m not in frozen]

@@ -14,11 +14,13 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from conftest import ROOT, SHARED, read_rows
+from conftest import ROOT, SHARED, read_rows, recalibrated_statistics
 
 import inference_CRBL_pytorch_directml as inference
+from model_pytorch_directml import load_checkpoint
 
 STUB = SHARED / "dml" / "stub"
 EMULATOR_VERSION = "0.2.5.dev240914"
@@ -95,6 +97,12 @@ def test_training_on_dml_has_no_cpu_fallback_and_one_read_per_epoch(dml_python, 
     cpu = cpu_scores(run_dir / "best.pth", run_dir / "data" / "test.csv", tmp_path)
     assert len(val) == len(cpu) == 48
     assert max(abs(val[k] - cpu[k]) for k in val) <= 1e-5
+    if model_type == "crop":  # the statistics it saved are its last weights' on the CPU too
+        saved = load_checkpoint(run_dir / "last.pth")["state_dict"]
+        cpu = recalibrated_statistics(run_dir / "last.pth", ["--demo", "--recalibrate-bn",
+                                                             "--output-dir", run_dir])
+        for name, value in cpu.items():
+            torch.testing.assert_close(saved[name], value, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("model_type", ["crop", "full"])

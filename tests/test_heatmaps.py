@@ -128,24 +128,27 @@ def test_closed_form_head_gradients_equal_autograd(converted_fixture, exact):
 
 def test_checked_peaks_keep_the_peak_whose_removal_lowers_the_score():
     """A map whose strongest peak is on a harmless mark and a weaker one on the defect: the
-    check moves the peak to the defect; where nothing lowers the score the map only scales."""
+    check moves the peak to the defect. A normal image, where blurring any spot barely moves
+    the score, keeps no more than a little of its map anywhere."""
     size = 64
     x = torch.full((2, 3, size, size), 0.5)
-    x[0, :, 40:46, 10:16] = 0.1  # the defect (image 0 only)
-    x[:, :, 10:16, 40:46] = 0.9  # a bright mark on both
+    x[0, :, 44:50, 24:30] = 0.1   # the defect (image 0)
+    x[1, :, 44:50, 24:30] = 0.49  # a faint spot in the same place (image 1, normal)
+    x[:, :, 10:16, 40:46] = 0.9   # a bright mark on both
 
     def model(images):  # a toy scorer: how dark the defect's place is
-        return 10 * (0.5 - images[:, :, 40:46, 10:16].mean((1, 2, 3))).view(-1, 1)
+        return 10 * (0.5 - images[:, :, 44:50, 24:30].mean((1, 2, 3))).view(-1, 1)
     maps = torch.zeros(2, 1, size, size)
     maps[:, 0, 13, 43] = 1.0  # the strongest peak, on the mark
-    maps[:, 0, 43, 13] = 0.6  # a weaker one, on the defect
+    maps[:, 0, 47, 27] = 0.6  # a weaker one, on the defect
     maps = gaussian_blur(maps, 2)[:, 0]
     assert peak(maps[0].numpy(), size, size) == (43, 13)
     out = checked_peaks(model, x, model(x).flatten(), maps)
     assert out.shape == maps.shape and (out >= 0).all()
     x_at, y_at = peak(out[0].numpy(), size, size)
-    assert 10 <= x_at < 16 and 40 <= y_at < 46
-    torch.testing.assert_close(out[1], maps[1] * CHECK_FLOOR)  # normal: no drop anywhere
+    assert 24 <= x_at < 30 and 44 <= y_at < 50
+    torch.testing.assert_close(out[0, 13, 43], maps[0, 13, 43] * CHECK_FLOOR)  # the mark
+    assert (out[1] <= 0.2 * maps[1]).all()  # a drop of ~0.1 logit counts a tenth of one of 1
 
 
 def test_peak_is_in_the_original_images_pixels():
