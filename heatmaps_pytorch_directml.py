@@ -58,7 +58,8 @@ class Heatmaps:
 
 
 def anomaly_maps(model: CRBLModel | InferenceRunner, images: torch.Tensor,
-                 method: str = DEFAULT_HEATMAP_METHOD) -> Heatmaps:
+                 method: str = DEFAULT_HEATMAP_METHOD, check_from: float | None = None
+                 ) -> Heatmaps:
     """Logits and heatmaps of a batch of RGB images in [0, 1], (N, 3, S, S) on the model's device.
 
     model: a CRBLModel, or the runner prepare_for_inference made of one (its folded, joined
@@ -66,6 +67,11 @@ def anomaly_maps(model: CRBLModel | InferenceRunner, images: torch.Tensor,
     One forward and one backward pass (evidence-checked adds CHECK_PEAKS forwards); samples
     never mix, so each map is its image's own. Works inside torch.inference_mode (the maps need
     autograd and turn it on for themselves).
+
+    check_from: with evidence-checked, check only the images scored (sigmoid of the logit) at
+    least this: the inference script passes its decision threshold, since where the impurity is
+    matters for the flagged images. The others keep CHECK_FLOOR of their map, as a check that
+    lowers nothing leaves it. Choosing reads the logits, so they come back on the CPU.
     """
     if method not in HEATMAP_METHODS:
         raise CRBLError(f"--heatmap-method {method!r} is unknown; choose one of "
@@ -81,8 +87,18 @@ def anomaly_maps(model: CRBLModel | InferenceRunner, images: torch.Tensor,
             grad_x, = torch.autograd.grad((a, b), x, (grad_a.to(a.dtype), grad_b.to(b.dtype)))
     with torch.no_grad():
         maps = gaussian_blur(grad_x.abs().amax(1, keepdim=True), x.shape[-1] / 64)[:, 0]
-        if method == "evidence-checked":
+        if method == "evidence-checked" and check_from is None:
             maps = checked_peaks(model, images.float(), logits, maps)
+        elif method == "evidence-checked":
+            logits = logits.cpu()  # the batch's one read of its logits, made before the maps'
+            chosen = torch.nonzero(torch.sigmoid(logits) >= check_from).flatten()
+            checked = maps * CHECK_FLOOR
+            if len(chosen):
+                rows = chosen.to(maps.device)
+                checked[rows] = checked_peaks(model, images.index_select(0, rows).float(),
+                                              logits[chosen].to(maps.device),
+                                              maps.index_select(0, rows))
+            maps = checked
         return Heatmaps(logits, maps)
 
 

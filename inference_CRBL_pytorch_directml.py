@@ -240,7 +240,8 @@ def score_to_csv(runner, samples, args, device, threshold, heatmaps: HeatmapWrit
             good = [i for i, err in enumerate(batch_errors) if not err]
             if good:
                 x = images[good].to(device.device, non_blocking=device.cuda_like)
-                probs, maps = score_batch(runner, x, args.heatmap_method if heatmaps else None)
+                probs, maps = score_batch(runner, x, args.heatmap_method if heatmaps else None,
+                                          threshold)
                 for i, p, heatmap in zip(good, probs.tolist(), maps):
                     index = int(indices[i])
                     scores[index] = p
@@ -255,12 +256,13 @@ def score_to_csv(runner, samples, args, device, threshold, heatmaps: HeatmapWrit
     return scores, errors, notes
 
 
-def score_batch(runner, x: torch.Tensor, heatmap_method: str | None
+def score_batch(runner, x: torch.Tensor, heatmap_method: str | None, threshold: float
                 ) -> tuple[torch.Tensor, torch.Tensor | list]:
-    """Probabilities of a batch on the CPU and, given a method, its heatmaps (one read each)."""
+    """Probabilities of a batch on the CPU and, given a method, its heatmaps (one read each);
+    evidence-checked checks the peaks of the images flagged at the threshold."""
     if heatmap_method is None:
         return torch.sigmoid(runner(x)).flatten().cpu(), [None] * len(x)
-    result = anomaly_maps(runner, x, heatmap_method)
+    result = anomaly_maps(runner, x, heatmap_method, check_from=threshold)
     return torch.sigmoid(result.logits).cpu(), result.maps.float().cpu()
 
 
