@@ -41,7 +41,8 @@ HEATMAP_METHODS = ("evidence-checked", "evidence", "gradient")
 # evidence-checked: how many of the evidence map's strongest peaks are checked, the radius of
 # the disk blurred out around each (a share of the image side; peaks are two radii apart, so
 # the disks never overlap), the weight left where no check lowered the score, and the logit drop
-# that counts in full (a smaller one, as blurring any spot of a normal image gives, keeps less).
+# below which even the largest drop keeps only drop / CHECK_FULL_DROP (blurring any spot of a
+# normal image moves its score a little).
 CHECK_PEAKS = 3
 CHECK_RADIUS = 1 / 8
 CHECK_FLOOR = 0.1
@@ -91,7 +92,8 @@ def anomaly_maps(model: CRBLModel | InferenceRunner, images: torch.Tensor,
             maps = checked_peaks(model, images.float(), logits, maps)
         elif method == "evidence-checked":
             logits = logits.cpu()  # the batch's one read of its logits, made before the maps'
-            chosen = torch.nonzero(torch.sigmoid(logits) >= check_from).flatten()
+            # the score as the script compares it with its threshold (float64)
+            chosen = torch.nonzero(torch.sigmoid(logits).double() >= check_from).flatten()
             checked = maps * CHECK_FLOOR
             if len(chosen):
                 rows = chosen.to(maps.device)

@@ -62,9 +62,10 @@ def read_rows(path):
         return list(csv.DictReader(f))
 
 
-def recalibrated_statistics(checkpoint, argv) -> dict:
+def recalibrated_statistics(checkpoint, argv) -> tuple[int, dict]:
     """The BatchNorm running statistics --recalibrate-bn sets for a checkpoint's weights, on the
-    CPU: the training script's own calibration run again for the run that `argv` started."""
+    CPU: the training script's own calibration run again for the run that `argv` started (give
+    its data and freezing flags). Returns (images used, {name: statistics})."""
     import train_CRBL_pytorch_directml as train_script
     from model_pytorch_directml import get_device, load_checkpoint, model_from_checkpoint
     args = train_script.parse_args([str(a) for a in argv])
@@ -74,7 +75,7 @@ def recalibrated_statistics(checkpoint, argv) -> dict:
     args.image_size = model.config.image_size
     train_script.freeze_backbones(model, args.model_type, args.trainable_from)
     model = train_script.prepare_for_training(model, get_device("cpu"))  # as training runs it
-    train_script.calibrate_batchnorm(model, train_script.load_data(args)["train"], args,
-                                     get_device("cpu"), trainable_only=True)
-    return {k: v for k, v in model.state_dict().items()
-            if k.endswith(("running_mean", "running_var"))}
+    used = train_script.calibrate_batchnorm(model, train_script.load_data(args)["train"], args,
+                                            get_device("cpu"), trainable_only=True)
+    return used, {k: v for k, v in model.state_dict().items()
+                  if k.endswith(("running_mean", "running_var"))}

@@ -99,10 +99,12 @@ def test_training_on_dml_has_no_cpu_fallback_and_one_read_per_epoch(dml_python, 
     assert max(abs(val[k] - cpu[k]) for k in val) <= 1e-5
     if model_type == "crop":  # the statistics it saved are its last weights' on the CPU too
         saved = load_checkpoint(run_dir / "last.pth")["state_dict"]
-        cpu = recalibrated_statistics(run_dir / "last.pth", ["--demo", "--recalibrate-bn",
-                                                             "--output-dir", run_dir])
+        used, cpu = recalibrated_statistics(run_dir / "last.pth", [
+            "--demo", "--model-type", model_type, "--recalibrate-bn", "--output-dir", run_dir])
+        assert used > 0
         for name, value in cpu.items():
-            torch.testing.assert_close(saved[name], value, rtol=1e-4, atol=1e-6)
+            # float rounding of another layout only: stale statistics are off by up to ~0.9 here
+            torch.testing.assert_close(saved[name], value, rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.parametrize("model_type", ["crop", "full"])

@@ -14,9 +14,9 @@ from test_directml_emulated import assert_no_fallback, dml_python, emulate  # no
 import inference_CRBL_pytorch_directml as inference
 from dataset_pytorch_directml import (_demo_shape, _demo_texture, make_demo_dataset,
                                       preprocess_image, read_manifest)
-from heatmaps_pytorch_directml import (CHECK_FLOOR, HEATMAP_METHODS, Localisation, anomaly_maps,
-                                       checked_peaks, gaussian_blur, head_gradients, hits_mask,
-                                       mvtec_mask, overlay_path, peak)
+from heatmaps_pytorch_directml import (CHECK_FLOOR, CHECK_RADIUS, HEATMAP_METHODS, Localisation,
+                                       anomaly_maps, checked_peaks, gaussian_blur, head_gradients,
+                                       hits_mask, mvtec_mask, overlay_path, peak)
 from model_pytorch_directml import CRBLError, load_model
 
 WIDTH, HEIGHT = 192, 144  # not square: peaks are scaled back to each image's own pixels
@@ -154,6 +154,28 @@ def test_checked_peaks_keep_the_peak_whose_removal_lowers_the_score():
     assert (out[1] <= 0.2 * maps[1]).all()  # a drop of ~0.1 logit counts a tenth of one of 1
 
 
+def test_checked_peaks_lie_two_radii_apart():
+    """The disks blurred out never overlap: a second peak within two radii of the first is
+    skipped (blurring it would blur part of the first)."""
+    size = 64
+    radius = size * CHECK_RADIUS
+    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    disks = []
+
+    def model(images):  # records where each check changed the image
+        disks.extend((images != x).any(1))
+        return torch.zeros(len(images), 1)
+    maps = torch.zeros(1, 1, size, size)
+    maps[0, 0, 20, 20] = 1.0
+    maps[0, 0, 20, 20 + int(1.5 * radius)] = 0.9  # more than one radius away, less than two
+    maps[0, 0, 50, 50] = 0.5
+    checked_peaks(model, x, torch.zeros(1), gaussian_blur(maps, 1)[:, 0])
+    assert len(disks) == 3 and disks[0][20, 20] and disks[1][50, 50]
+    for i in range(3):
+        for j in range(i):
+            assert not (disks[i] & disks[j]).any()
+
+
 def test_check_from_checks_the_flagged_images_only(converted_fixture):
     model = load_model(converted_fixture[0])
     x = torch.from_numpy(converted_fixture[1][:4]).permute(0, 3, 1, 2).float() / 255
@@ -251,6 +273,7 @@ def test_heatmaps_on_dml_have_no_cpu_fallback(dml_python, converted_fixture, tmp
     assert inference.main([str(a) for a in ("--weights", pth, "--input", task, "--output",
                                             tmp_path / "plain.csv", "--no-progress")]) == 0
     scores = sorted(float(r["score"]) for r in read_rows(tmp_path / "plain.csv"))
+    assert scores[3] - scores[2] > 1e-4  # no near tie: DirectML and the CPU flag alike
     threshold = (scores[2] + scores[3]) / 2
     for method in HEATMAP_METHODS:
         out = tmp_path / f"{method}.csv"
@@ -264,5 +287,6 @@ def test_heatmaps_on_dml_have_no_cpu_fallback(dml_python, converted_fixture, tmp
         assert inference.main([*map(str, args), "--output", str(tmp_path / "cpu.csv"),
                                "--device", "cpu"]) == 0
         dml, cpu = read_rows(out), read_rows(tmp_path / "cpu.csv")
+        assert sum(int(r["prediction"]) for r in dml) == 3  # half checked, half not
         assert max(abs(float(a["score"]) - float(b["score"])) for a, b in zip(dml, cpu)) <= 1e-5
         assert [(a["peak_x"], a["peak_y"]) for a in dml] == [(b["peak_x"], b["peak_y"]) for b in cpu]

@@ -268,14 +268,17 @@ def test_recalibrate_bn_sets_the_trainable_statistics_and_nothing_else(tiny_data
             # third epoch without improvement, --lr-patience 2)
             assert torch.equal(value, plain[name]), name
     # the statistics are the last weights' on the seeded calibration images
-    fresh = recalibrated_statistics(tmp_path / "plain" / "last.pth",
-                                    common + ["--recalibrate-bn", "--output-dir", tmp_path / "x"])
-    assert all(torch.equal(value, recal[name]) for name, value in fresh.items())
+    used, fresh = recalibrated_statistics(tmp_path / "plain" / "last.pth",
+                                          common + ["--recalibrate-bn", "--output-dir", tmp_path / "x"])
+    assert used == 16  # every training image (at most 128)
+    for name, value in fresh.items():
+        assert torch.equal(value, recal[name]), name
     # and a resumed run recalibrates as the uninterrupted one did
     assert train(*common, "--epochs", 1, "--recalibrate-bn", "--output-dir", tmp_path / "part") == 0
     assert train("--resume", tmp_path / "part", "--epochs", 2) == 0
     resumed = load_checkpoint(tmp_path / "part" / "last.pth")["state_dict"]
-    assert all(torch.equal(value, resumed[name]) for name, value in recal.items())
+    for name, value in recal.items():
+        assert torch.equal(value, resumed[name]), name
 
 
 def test_demo_learns_and_inference_reproduces_validation_scores(tmp_path, capsys):
